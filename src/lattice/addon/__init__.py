@@ -1,0 +1,1 @@
+"""lattice.addon (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""lattice.agent (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""lattice.api (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""lattice.checkpoint (see docs/architecture.md)."""

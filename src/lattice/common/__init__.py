@@ -1,0 +1,1 @@
+"""Pieces every component shares: errors, tokens, the HTTP service frame."""

@@ -1,0 +1,1 @@
+"""lattice.operator (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""lattice.rendezvous (see docs/architecture.md)."""
