@@ -1,0 +1,87 @@
+"""The standby interpreter: imports torch ahead of time, then becomes a worker on request.
+
+Started by the agent as ``python -u -c "...main()" MODULE...`` with the worker's fixed
+environment (minus the addon bootstrap). It imports the listed modules, then blocks on one JSON
+line on stdin: ``{"env", "argv", "orig_argv", "cwd", "mode", "target", "path0", "bootstrap"}``.
+It then makes itself look like the fresh process the agent would have started — same
+``os.environ``, ``sys.argv``, cwd, ``sys.path``, stdin on /dev/null, the addon's
+``sitecustomize`` run with the round's environment — and runs the script as ``__main__``.
+EOF on stdin (the agent no longer needs it) exits quietly.
+"""
+
+import json
+import os
+import runpy
+import site
+import sys
+
+
+def _prewarm(modules: list[str]) -> None:
+    for name in modules:
+        try:  # noqa: SIM105 - no contextlib: the worker's modules stay as a fresh one's
+            __import__(name)
+        except ImportError:
+            pass  # not installed: the worker would fail the same way when it imports it
+
+
+def _become(msg: dict) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.chdir(msg["cwd"])
+    env = dict(msg["env"])
+    if "LC_CTYPE" in os.environ and "LC_CTYPE" not in env:
+        # Python's locale coercion (PEP 538) added it at startup; a fresh worker gets it too.
+        env["LC_CTYPE"] = os.environ["LC_CTYPE"]
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = list(msg["argv"])
+    sys.orig_argv = list(msg["orig_argv"])
+    rest = sys.path[1:]  # sys.path[0] is '' for -c; a fresh process has the script's dir
+    bootstrap = msg.get("bootstrap")
+    sys.path[:] = [msg["path0"], *([bootstrap] if bootstrap else []), *rest]
+    if bootstrap:
+        sys.modules.pop("sitecustomize", None)
+        site.execsitecustomize()
+
+
+def _run_script(path: str) -> None:
+    """Run ``path`` in a new ``__main__`` module, as ``python path`` does (runpy differs in
+    ``sys.argv[0]``); a traceback shows the script's frames only."""
+    if not os.path.isfile(path):  # a directory or zip with __main__.py: runpy knows those
+        runpy.run_path(path, run_name="__main__")
+        return
+    import builtins
+    import importlib.machinery
+    import types
+
+    main = types.ModuleType("__main__")
+    main.__file__ = path
+    main.__cached__ = None
+    main.__builtins__ = builtins
+    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", path)
+    main.__annotations__ = {}
+    sys.modules["__main__"] = main
+    with open(path, "rb") as f:
+        code = compile(f.read(), path, "exec", dont_inherit=True)
+    try:
+        exec(code, main.__dict__)
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        tb = exc.__traceback__.tb_next if exc.__traceback__ is not None else None
+        sys.excepthook(type(exc), exc, tb)
+        sys.exit(1)
+
+
+def main() -> None:
+    _prewarm(sys.argv[1:])
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        os._exit(0)
+    msg = json.loads(line)
+    _become(msg)
+    if msg["mode"] == "module":
+        runpy._run_module_as_main(msg["target"], alter_argv=True)  # what `python -m` does
+    else:
+        _run_script(os.path.abspath(msg["target"]))
