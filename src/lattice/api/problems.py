@@ -1,0 +1,88 @@
+"""Validation problems that name the field and the fix, turned into one-line `UserError`s.
+
+Validators raise `SpecProblem` (a `ValueError`, so pydantic collects it with its location);
+`format_validation_error` renders pydantic's errors as ``spec.minSize: … (fix: …)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+
+class SpecProblem(ValueError):
+    """A field's value is wrong: what is wrong, how to fix it, and (optionally) which sub-field.
+
+    ``field`` is relative to the location pydantic reports (used by model-level validators,
+    whose location is the model itself).
+    """
+
+    def __init__(self, problem: str, fix: str, field: str = "") -> None:
+        super().__init__(f"{problem} (fix: {fix})")
+        self.problem = problem
+        self.fix = fix
+        self.field = field
+
+
+# pydantic error type → (wording, fix) for errors our validators do not raise themselves.
+_BUILTIN: dict[str, tuple[str, str]] = {
+    "missing": ("is required", "add it"),
+    "extra_forbidden": ("is not a known field", "remove it or check its spelling"),
+    "int_parsing": ("must be a whole number", "write a number such as 2"),
+    "int_type": ("must be a whole number", "write a number such as 2"),
+    "int_from_float": ("must be a whole number", "drop the fraction"),
+    "bool_parsing": ("must be true or false", "write true or false"),
+    "bool_type": ("must be true or false", "write true or false"),
+    "string_type": ("must be a string", "quote the value"),
+    "list_type": ("must be a list", "write it as a YAML list"),
+    "dict_type": ("must be a mapping", "write it as key: value pairs"),
+    "model_type": ("must be a mapping", "write it as key: value pairs"),
+    "model_attributes_type": ("must be a mapping", "write it as key: value pairs"),
+    "float_parsing": ("must be a number", "write a number such as 30"),
+    "float_type": ("must be a number", "write a number such as 30"),
+}
+
+
+def location(loc: tuple[int | str, ...]) -> str:
+    """pydantic's ``('spec', 'containers', 0, 'command')`` → ``spec.containers[0].command``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith("function-") or "[" in part:
+            continue  # pydantic's names for validator and union branches, not user fields
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _describe(err: Any) -> tuple[str, str]:
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    path = location(tuple(err["loc"]))
+    if isinstance(cause, SpecProblem):
+        if cause.field:
+            path = f"{path}.{cause.field}" if path else cause.field
+        return path, f"{cause.problem} (fix: {cause.fix})"
+    kind = err["type"]
+    if kind in _BUILTIN:
+        wording, fix = _BUILTIN[kind]
+        got = err.get("input")
+        shown = "" if kind in ("missing", "extra_forbidden") else f" (got {got!r})"
+        return path, f"{wording}{shown} (fix: {fix})"
+    if kind == "literal_error":
+        expected = ctx.get("expected", "")
+        return path, f"{err['input']!r} is not allowed (fix: use one of {expected})"
+    return path, f"{err['msg']} (fix: correct this field)"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """All of a ValidationError's problems on one line, each as ``field: problem (fix: …)``."""
+    seen: list[str] = []
+    for err in exc.errors():
+        path, text = _describe(err)
+        line = f"{path}: {text}" if path else text
+        if line not in seen:
+            seen.append(line)
+    return prefix + "; ".join(seen)
