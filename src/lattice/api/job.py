@@ -59,6 +59,9 @@ class ObjectMeta(OpenModel):
 
 
 class TrainingJob(ClosedModel):
+    """An elastic training job: between minSize and maxSize workers, each running the pod
+    template's training container under the Lattice agent."""
+
     api_version: str
     kind: str
     metadata: ObjectMeta

@@ -10,13 +10,14 @@ import math
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator
 
 from lattice.api.base import OpenModel
 from lattice.api.problems import SpecProblem
 
 TRAINING_CONTAINER = "trainingjob"  # the container Lattice wraps, when a pod has several
 
+_OPAQUE: dict[str, Any] = {"type": "object", "additionalProperties": True}
 _QUANTITY_RE = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
 _SUFFIX = {
     "n": 1e-9,
@@ -98,7 +99,8 @@ class Container(OpenModel):
     command: list[str] = Field(default_factory=list)
     args: list[str] = Field(default_factory=list)
     env: list[EnvVar] = Field(default_factory=list)
-    resources: Resources = Field(default_factory=Resources)
+    # Opaque in the CRD: quantities may be written as numbers or strings.
+    resources: Annotated[Resources, WithJsonSchema(_OPAQUE)] = Field(default_factory=Resources)
     working_dir: str | None = None
     volume_mounts: list[dict[str, Any]] = Field(default_factory=list)
 

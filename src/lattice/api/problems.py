@@ -71,6 +71,11 @@ def _describe(err: Any) -> tuple[str, str]:
         got = err.get("input")
         shown = "" if kind in ("missing", "extra_forbidden") else f" (got {got!r})"
         return path, f"{wording}{shown} (fix: {fix})"
+    bounds = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than")}
+    if kind in bounds:
+        key, words = bounds[kind]
+        limit = ctx.get(key)
+        return path, f"{err['input']!r} is too small (fix: use a value {words} {limit})"
     if kind == "literal_error":
         expected = ctx.get("expected", "")
         return path, f"{err['input']!r} is not allowed (fix: use one of {expected})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from lattice.api.base import ClosedModel
 from lattice.api.pod import PodTemplate
@@ -13,6 +13,7 @@ from lattice.api.problems import SpecProblem
 
 NPROC_WORDS = ("auto", "gpu", "cpu")
 _EVERY_RE = re.compile(r"^([1-9][0-9]*)(s?)$")
+_INT_OR_STRING: dict[str, Any] = {"anyOf": [{"type": "integer"}, {"type": "string"}]}
 _RESOURCE_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$")
 
 
@@ -50,18 +51,28 @@ def _every(value: Any) -> Any:
 class RunPolicy(ClosedModel):
     """How failures and finished jobs are handled (the Kubeflow ``runPolicy`` subset)."""
 
-    backoff_limit: int = Field(default=6, ge=0)
-    active_deadline_seconds: int | None = Field(default=None, gt=0)
-    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
-    clean_pod_policy: Literal["All", "Running", "None"] = "Running"
+    backoff_limit: int = Field(
+        default=6, ge=0, description="worker failures tolerated before the job fails"
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, gt=0, description="fail the job this long after it started"
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="delete the finished job after this long"
+    )
+    clean_pod_policy: Literal["All", "Running", "None"] = Field(
+        default="Running", description="which workers to delete when the job finishes"
+    )
 
 
 class CheckpointPolicy(ClosedModel):
     """When the addon checkpoints: ``every`` N steps ("100") or N seconds ("300s")."""
 
-    enabled: bool = True
-    every: Annotated[str | None, BeforeValidator(_every)] = None
-    keep: int | None = Field(default=None, ge=1)
+    enabled: bool = Field(default=True, description="false: no checkpoints (addon off)")
+    every: Annotated[str | None, BeforeValidator(_every), WithJsonSchema(_INT_OR_STRING)] = Field(
+        default=None, description='"N": every N steps; "Ns": every N seconds'
+    )
+    keep: int | None = Field(default=None, ge=1, description="checkpoints to retain")
 
     @property
     def every_steps(self) -> int | None:
@@ -77,16 +88,28 @@ class ReplicaSpecs(ClosedModel):
 
 
 class TrainingJobSpec(ClosedModel):
-    min_size: int
-    max_size: int
-    replica_specs: ReplicaSpecs
-    priority: int = 0
-    framework: Literal["generic", "pytorch"] = "pytorch"
-    inject_lattice: bool = True
+    min_size: int = Field(
+        json_schema_extra={"minimum": 1}, description="fewest workers the job runs with"
+    )
+    max_size: int = Field(
+        json_schema_extra={"minimum": 1}, description="most workers the job runs with"
+    )
+    replica_specs: ReplicaSpecs = Field(description="the worker pod template")
+    priority: int = Field(default=0, description="higher runs first and keeps its slots")
+    framework: Literal["generic", "pytorch"] = Field(
+        default="pytorch", description="generic: no PyTorch addon in the workers"
+    )
+    inject_lattice: bool = Field(
+        default=True, description="false: run the command as is, without the Lattice agent"
+    )
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
-    nproc_per_node: Annotated[int | str | None, BeforeValidator(_nproc)] = None
+    nproc_per_node: Annotated[
+        int | str | None, BeforeValidator(_nproc), WithJsonSchema(_INT_OR_STRING)
+    ] = Field(default=None, description="processes per worker: N, auto, gpu or cpu")
     checkpoint: CheckpointPolicy = Field(default_factory=CheckpointPolicy)
-    resource_unit: str = "pods"
+    resource_unit: str = Field(
+        default="pods", description="what one slot is: pods, cpu, nvidia.com/gpu …"
+    )
 
     @field_validator("min_size", "max_size")
     @classmethod
