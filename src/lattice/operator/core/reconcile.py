@@ -143,8 +143,7 @@ class _Pass:
     def _count_failures(self) -> bool:
         """Count failures not counted before; True if there were any."""
         st = self.st
-        present = {w.identity for w in self.workers}
-        counted = [i for i in st.counted_failures if i in present]
+        counted = list(st.counted_failures)
         new = [w for w in self.live if w.phase == "Failed" and w.identity not in counted]
         for w in new:
             counted.append(w.identity)
@@ -158,9 +157,12 @@ class _Pass:
                 st.last_failure = WorkerFailure(
                     worker=w.name, exit_code=w.exit_code, message=w.message
                 )
-            st.worker_error = failure_text(w)
             self._event("Warning", "WorkerFailed", f"worker {failure_text(w)}")
-        st.counted_failures = counted
+        if new:
+            st.worker_error = failure_text(new[0])
+            # Remember recent failures only; a failed worker is deleted in the same pass, so it
+            # can only be observed again through a stale observation right after.
+            st.counted_failures = counted[-max(8, 2 * self.spec.max_size) :]
         return bool(new)
 
     def _give_up(self) -> bool:
