@@ -41,6 +41,7 @@ from lattice.agent.standby import StandbyPool
 from lattice.agent.workers import (
     Program,
     Worker,
+    as_python_program,
     describe_exit,
     start_worker,
     stop_workers,
@@ -73,7 +74,10 @@ class Agent:
         self._base_env = dict(os.environ if env is None else env)
         mode = "module" if opts.module else "exec" if opts.no_python else "script"
         python = self._base_env.get("PYTHON_EXEC", sys.executable)
-        self.program = Program(opts.script, opts.script_args, mode, python, os.getcwd())
+        cwd = os.getcwd()
+        self.program = Program(opts.script, opts.script_args, mode, python, cwd)
+        if mode == "exec":
+            self.program = as_python_program([opts.script, *opts.script_args], cwd) or self.program
         bootstrap = bootstrap_dir()
         self._bootstrap = bootstrap if addon_active(self._base_env, bootstrap) else None
         self._failures = 0

@@ -78,7 +78,8 @@ class StandbyPool:
             current = self._ready.get(local_rank)
             if self._closed or (current is not None and current.returncode is None):
                 continue
-            argv = [self._program.python, "-u", "-c", _ENTRY, *self._modules]
+            program = self._program
+            argv = [program.python, *program.python_flags, "-c", _ENTRY, *self._modules]
             try:
                 proc = await spawn_tied(
                     argv, standby_env(env, self._bootstrap), self._program.cwd, stdin_pipe=True

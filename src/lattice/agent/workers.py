@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import shutil
 import signal
 import sys
 import time
@@ -37,13 +39,40 @@ class Program:
     mode: str = "script"  # script | module | exec
     python: str = sys.executable
     cwd: str = "."
+    python_flags: tuple[str, ...] = ("-u",)
 
     def argv(self) -> list[str]:
         if self.mode == "exec":
             return [self.target, *self.args]
         if self.mode == "module":
-            return [self.python, "-u", "-m", self.target, *self.args]
-        return [self.python, "-u", self.target, *self.args]
+            return [self.python, *self.python_flags, "-m", self.target, *self.args]
+        return [self.python, *self.python_flags, self.target, *self.args]
+
+
+_PYTHON_NAME = re.compile(r"python(\d+(\.\d+)?)?")
+_SAFE_FLAGS = frozenset({"-u"})
+
+
+def as_python_program(command: Sequence[str], cwd: str) -> Program | None:
+    """Recognise ``python [-u] SCRIPT|-m MOD ARGS`` run with this very environment's Python.
+
+    ``--no-python python -u train.py`` (how the operator wraps a container command) can then
+    use standby interpreters, which need the agent's own Python environment.
+    """
+    if len(command) < 2 or not _PYTHON_NAME.fullmatch(os.path.basename(command[0])):
+        return None
+    found = shutil.which(command[0])
+    if found is None or os.path.dirname(os.path.abspath(found)) != os.path.dirname(sys.executable):
+        return None
+    flags: list[str] = []
+    rest = list(command[1:])
+    while rest and rest[0] in _SAFE_FLAGS:
+        flags.append(rest.pop(0))
+    if len(rest) >= 2 and rest[0] == "-m":
+        return Program(rest[1], tuple(rest[2:]), "module", command[0], cwd, tuple(flags))
+    if rest and not rest[0].startswith("-"):
+        return Program(rest[0], tuple(rest[1:]), "script", command[0], cwd, tuple(flags))
+    return None
 
 
 async def spawn_tied(

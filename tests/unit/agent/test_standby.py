@@ -74,13 +74,19 @@ def _envs(layout: dict[str, Path], name: str) -> tuple[dict[str, str], dict[str,
 
 
 @pytest.mark.parametrize(
-    ("mode", "target", "cwd_key"),
-    [("script", "link/probe.py", "root"), ("module", "probe_mod", "real")],
+    ("mode", "target", "cwd_key", "flags"),
+    [
+        ("script", "link/probe.py", "root", ("-u",)),
+        ("module", "probe_mod", "real", ("-u",)),
+        ("script", "real/probe.py", "root", ()),
+    ],
 )
 async def test_standby_is_indistinguishable_from_a_fresh_process(
-    layout: dict[str, Path], mode: str, target: str, cwd_key: str
+    layout: dict[str, Path], mode: str, target: str, cwd_key: str, flags: tuple[str, ...]
 ) -> None:
-    program = Program(target, ("--lr", "0.1", "x y"), mode, sys.executable, str(layout[cwd_key]))
+    program = Program(
+        target, ("--lr", "0.1", "x y"), mode, sys.executable, str(layout[cwd_key]), flags
+    )
     node, fresh_env = _envs(layout, "fresh.json")
     fresh = await start_worker(program, fresh_env, 0, _sinks(0))
     fresh.assign(5, None)
@@ -118,3 +124,29 @@ async def test_dead_standby_falls_back_and_eof_exits_quietly(layout: dict[str, P
     assert pool._ready[0].returncode is None
     await pool.close()
     assert all(w.returncode is not None for w in [standby])
+
+
+async def test_uncaught_exception_looks_the_same(tmp_path: Path) -> None:
+    import io
+
+    (tmp_path / "boom.py").write_text("def f():\n    raise ValueError('boom')\n\nf()\n")
+    program = Program("boom.py", (), "script", sys.executable, str(tmp_path))
+    env = {"PATH": os.environ.get("PATH", ""), "LOCAL_RANK": "0"}
+    outputs = []
+    fresh_err = io.BytesIO()
+    fresh = await start_worker(program, env, 0, (Sink(None), Sink(fresh_err)))
+    fresh.assign(0, None)
+    assert await _result(fresh) == 1
+    await asyncio.gather(*fresh.pumps)
+    outputs.append(fresh_err.getvalue())
+    warm_err = io.BytesIO()
+    pool = StandbyPool(program, [env], None, lambda _: (Sink(None), Sink(warm_err)), modules=())
+    await pool.fill()
+    warm = await pool.take(0, env, lambda w: w.assign(0, None))
+    assert warm is not None
+    assert await _result(warm) == 1
+    await asyncio.gather(*warm.pumps)
+    await pool.close()
+    outputs.append(warm_err.getvalue())
+    assert outputs[0] == outputs[1], outputs
+    assert b"ValueError: boom" in outputs[0] and b"_standby" not in outputs[0]
