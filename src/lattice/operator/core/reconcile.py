@@ -60,6 +60,11 @@ def reconcile(
     return _Pass(job, observed, allocation, now, services, config).run()
 
 
+def _script_exit(code: int | None) -> bool:
+    """An exit the script chose (1-127), not a kill by a signal (128+) or a lost node (None)."""
+    return code is not None and 0 < code < 128
+
+
 def failure_text(w: WorkerState) -> str:
     code = "no exit code" if w.exit_code is None else f"exit code {w.exit_code}"
     return f"{w.name}: {code}" + (f": {w.message}" if w.message else "")
@@ -176,8 +181,7 @@ class _Pass:
             len(failed) >= 2
             and len(failed) == len(in_round)
             and len(signatures) == 1
-            and code is not None
-            and 0 < code < 128
+            and _script_exit(code)
         ):
             self._finish(
                 "Failed",
@@ -187,7 +191,7 @@ class _Pass:
             )
             return True
         last = st.last_failure
-        if last is not None and last.exit_code is not None and last.count >= max(2, limit):
+        if last is not None and _script_exit(last.exit_code) and last.count >= max(2, limit):
             self._finish(
                 "Failed",
                 "UserError",
