@@ -129,3 +129,10 @@ def test_demand_for_reads_spec_and_status() -> None:
     running = demand_for(world.job, now=world.now)
     assert running is not None and running.running and running.current == 4
     assert running.last_resize == world.now
+
+
+def test_one_freed_gap_does_not_resize_every_job() -> None:
+    running = [run(f"r{i:02d}", 1, 8, 2, created=i) for i in range(20)]
+    out = allocate(43, running, now=NOW)  # a finished job left 3 slots free
+    assert sorted(out.values()).count(3) == 3
+    assert sum(1 for j in running if out[j.key] != j.current) == 3

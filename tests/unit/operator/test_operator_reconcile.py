@@ -387,3 +387,32 @@ def test_workers_observed_with_foreign_indexes_are_kept_in_place() -> None:
     )
     actions = reconcile(job, observed, 2, now=1000.0, services=world_services())
     assert [c.name for c in of(actions, CreateWorker)] == ["demo-worker-0"]
+
+
+def test_signal_kills_on_every_worker_are_not_a_user_error() -> None:
+    world = World(make_job(minSize=2, maxSize=2))
+    world.settle(2)
+    for name in world.names():
+        world.set(name, "Failed", exit_code=137, message="OOMKilled")
+    actions = world.step(2)
+    assert world.status.phase == "Restarting" and world.status.restarts == 2
+    assert sorted(c.name for c in of(actions, CreateWorker)) == world.names()
+
+
+def test_status_survives_the_wire() -> None:
+    from lattice.api import TrainingJobStatus
+
+    world = World(make_job())
+    world.settle(2)
+    world.set("demo-worker-0", "Failed", exit_code=3, message="bad")
+    world.step(2)
+    wire = world.status.to_dict()
+    assert wire["phase"] == "Restarting" and wire["targetSize"] == 2
+    assert wire["lastResizeTime"].endswith("Z")
+    assert wire["lastFailure"] == {
+        "worker": "demo-worker-0",
+        "exitCode": 3,
+        "message": "bad",
+        "count": 1,
+    }
+    assert TrainingJobStatus.model_validate(wire) == world.status
