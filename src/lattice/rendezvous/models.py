@@ -112,11 +112,15 @@ class TargetBody(_Body):
     size: NodeCount | None
 
 
-def describe(exc: ValidationError) -> str:
-    """One line naming the first bad field and what is wrong with it."""
-    err = exc.errors(include_url=False)[0]
-    if err["type"] == "json_invalid":
-        return f"invalid JSON body: {err['msg']}"
-    where = ".".join(str(p) for p in err["loc"]) or "body"
-    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"invalid field {where!r}: {err['msg']}{more}"
+def describe(exc: ValidationError, limit: int = 3) -> str:
+    """One line naming the bad fields (the first few) and what is wrong with each."""
+    errors = exc.errors(include_url=False)
+    if errors[0]["type"] == "json_invalid":
+        return f"invalid JSON body: {errors[0]['msg']}"
+    parts = []
+    for err in errors[:limit]:
+        where = ".".join(str(p) for p in err["loc"])
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return f"invalid request: {'; '.join(parts)}{more}"
