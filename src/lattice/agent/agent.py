@@ -105,7 +105,7 @@ class Agent:
             token, endpoint = self.opts.token, self.opts.endpoint
             if endpoint is None:
                 tuning = self.opts.tuning
-                embedded = start_embedded(tuning.settle_s, tuning.lease_s)
+                embedded = start_embedded(tuning.settle_s, tuning.lease_s, tuning.rejoin_grace_s)
                 token, endpoint = embedded.token, embedded.endpoint
                 log.info("standalone: embedded rendezvous on %s, job %s", endpoint, self.opts.job)
             from lattice.rendezvous.client import RendezvousClient
@@ -431,15 +431,15 @@ class Agent:
 
     async def _watch_end(self, client: RendezvousClient, gen: int) -> RoundEnd:
         """The pushed end of round ``gen``; an unreachable service does not stop training."""
-        from lattice.rendezvous.errors import RendezvousUnreachable
+        from lattice.rendezvous.errors import RendezvousError, RendezvousUnreachable
 
         warned = False
         while True:
             try:
                 return await client.wait_round_end(gen)
-            except RendezvousUnreachable as exc:
+            except (RendezvousUnreachable, RendezvousError) as exc:
                 if not warned:
-                    log.warning("rendezvous service unreachable (%s); training continues", exc)
+                    log.warning("rendezvous service: %s; training continues", exc)
                     warned = True
                 await asyncio.sleep(1.0)
 

@@ -23,10 +23,12 @@ class EmbeddedRendezvous:
         self.service.stop()
 
 
-def start_embedded(settle_s: float, lease_s: float) -> EmbeddedRendezvous:
+def start_embedded(settle_s: float, lease_s: float, rejoin_grace_s: float) -> EmbeddedRendezvous:
     from lattice.rendezvous.server import create_app
 
     token = new_admin_token()
-    service = BackgroundService(lambda: create_app(token, settle_s=settle_s, lease_s=lease_s))
+    service = BackgroundService(
+        lambda: create_app(token, settle_s=settle_s, lease_s=lease_s, rejoin_grace_s=rejoin_grace_s)
+    )
     service.start()
     return EmbeddedRendezvous(service, token)

@@ -31,6 +31,7 @@ class Tuning:
 
     settle_s: float = 1.0  # embedded service: wait this long for more joiners
     lease_s: float = 3.0  # embedded service: an agent silent this long is lost
+    rejoin_grace_s: float = 30.0  # embedded service: wait this long for a round's members
     join_timeout_s: float = 600.0  # give up waiting for a round (torchrun's join_timeout)
     safepoint_timeout_s: float = 30.0  # graceful stop: wait this long for a safe point
     kill_grace_s: float = 3.0  # SIGTERM → SIGKILL
@@ -47,6 +48,7 @@ _CONF_KEYS: dict[str, str] = {
     "last_call_timeout": "settle_s",
     "lease": "lease_s",
     "lease_s": "lease_s",
+    "rejoin_grace": "rejoin_grace_s",
     "join_timeout": "join_timeout_s",
     "safepoint_timeout": "safepoint_timeout_s",
     "kill_grace": "kill_grace_s",

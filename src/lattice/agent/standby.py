@@ -22,7 +22,16 @@ from lattice.agent.workers import Program, Worker, spawn_tied
 
 log = logging.getLogger("lattice.agent")
 
-PREWARM_MODULES = ("torch",)
+# What a typical training script imports before its first step. torch.optim pulls in
+# torch._dynamo (sympy, ~1.4 s) when the first optimizer is built, so it is warmed too.
+PREWARM_MODULES = (
+    "torch",
+    "torch.distributed",
+    "torch.nn.parallel",
+    "torch.utils.data",
+    "torch.optim",
+    "torch._dynamo",
+)
 _ENTRY = "from lattice.agent._standby import main; main()"
 
 

@@ -29,6 +29,7 @@ out = {
     "stdin_devnull": os.fstat(0).st_rdev == os.stat(os.devnull).st_rdev,
     "unbuffered": sys.flags.unbuffered if hasattr(sys.flags, "unbuffered") else None,
     "sitecustomize_rank": getattr(sys, "_probe_rank", None),
+    "sched": (os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)),
 }
 with open(os.environ["PROBE_OUT"], "w") as f:
     json.dump(out, f)
