@@ -2,16 +2,14 @@
 
 One loop per node. The rendezvous service decides rounds; the agent only reports what it
 sees (a worker failed, all workers succeeded) and obeys round ends pushed to it. Everything a
-round creates is named by its generation. Failures are counted job-wide through the service's
-key-value store, so every agent (also one that joined later) agrees when ``--max-restarts`` is
-used up.
+round creates is named by its generation. Failures are counted job-wide (`failures`), so every
+agent, also one that joined late, agrees when ``--max-restarts`` is used up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -33,6 +31,7 @@ from lattice.agent.env import (
     node_env,
     round_env,
 )
+from lattice.agent.failures import FailureLedger
 from lattice.agent.options import RunOptions
 from lattice.agent.output import Sink
 from lattice.agent.ports import PortReservation
@@ -53,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lattice.agent")
 
-FAILURES_KEY = "lattice.agent/failures"
 STANDBY_DELAY_S = 3.0  # start next round's standbys this long after a round's workers
 END_AFTER_REPORT_S = 15.0  # after reporting a failure, wait this long for the pushed round end
 
@@ -80,7 +78,7 @@ class Agent:
             self.program = as_python_program([opts.script, *opts.script_args], cwd) or self.program
         bootstrap = bootstrap_dir()
         self._bootstrap = bootstrap if addon_active(self._base_env, bootstrap) else None
-        self._failures = 0
+        self._ledger = FailureLedger(opts.node_id)
         self._workers: list[Worker] = []
         self._stop_signal: int | None = None
         self._stop: asyncio.Event | None = None
@@ -188,8 +186,8 @@ class Agent:
                 reservation.release()
                 await self._leave(client)
                 return 128 + (self._stop_signal or signal.SIGTERM)
-            await self._sync_failures(client)
-            outcome = await self._run_round(client, rnd, reservation)
+            restarts = await self._ledger.agree(client, rnd)
+            outcome = await self._run_round(client, rnd, reservation, restarts)
             if outcome.kind == "succeeded":
                 log.info("round %d: all local workers succeeded", rnd.generation)
                 self._remove_local_tier()
@@ -199,7 +197,7 @@ class Agent:
             end = outcome.end
             assert end is not None
             if end.reason == "failure":
-                used = await self._count_failure(client, end.generation)
+                used = await self._ledger.count_failure(client, rnd)
                 if used > self.opts.max_restarts:
                     await self._leave(client)
                     raise UserError(
@@ -260,7 +258,7 @@ class Agent:
             ) from exc
 
     async def _run_round(
-        self, client: RendezvousClient, rnd: Round, reservation: PortReservation
+        self, client: RendezvousClient, rnd: Round, reservation: PortReservation, restarts: int
     ) -> Outcome:
         opts = self.opts
         gen = rnd.generation
@@ -279,7 +277,7 @@ class Agent:
             world_size=rnd.world_size,
             master_addr=master_addr,
             master_port=master_port,
-            restart_count=self._failures,
+            restart_count=restarts,
             control_file=str(control),
         )
         end_task = asyncio.ensure_future(self._watch_end(client, gen))
@@ -442,39 +440,6 @@ class Agent:
                     log.warning("rendezvous service: %s; training continues", exc)
                     warned = True
                 await asyncio.sleep(1.0)
-
-    # ---------------------------------------------------------------- job-wide failure count
-
-    async def _sync_failures(self, client: RendezvousClient) -> None:
-        """Adopt the job's failure count (an agent that joined late learns it here)."""
-        record = await self._read_failures(client)
-        if record is not None:
-            self._failures = max(self._failures, record[0])
-
-    async def _count_failure(self, client: RendezvousClient, gen: int) -> int:
-        """Count round ``gen``'s failure once for the whole job; returns restarts used."""
-        record = await self._read_failures(client)
-        count, last = record if record is not None else (0, -1)
-        count = count if last == gen else count + 1
-        count = max(count, self._failures + (0 if last == gen else 1))
-        self._failures = count
-        with contextlib.suppress(Exception):
-            await client.kv_set(FAILURES_KEY, json.dumps({"count": count, "last": gen}))
-        return count
-
-    async def _read_failures(self, client: RendezvousClient) -> tuple[int, int] | None:
-        try:
-            raw = await client.kv_get(FAILURES_KEY)
-        except Exception as exc:
-            log.debug("could not read the failure count: %s", exc)
-            return None
-        if not raw:
-            return None
-        try:
-            data = json.loads(raw)
-            return int(data["count"]), int(data["last"])
-        except (ValueError, KeyError, TypeError):
-            return None
 
     # ---------------------------------------------------------------- helpers and cleanup
 
