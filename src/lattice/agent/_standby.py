@@ -34,7 +34,7 @@ def _background_priority() -> bool:
         except (OSError, AttributeError):
             pass
 
-    thread = threading.Thread(target=probe)
+    thread = threading.Thread(target=probe, name="lattice-standby-probe")
     thread.start()
     thread.join()
     if ok:
@@ -102,12 +102,25 @@ def _run_script(path: str) -> None:
 
 def main() -> None:
     idle = _background_priority()
+    import threading
+
+    main_thread = threading.get_native_id()
+    message: list[bytes] = []
+
+    def read() -> None:
+        # Read while the imports run: a standby taken before it is warm finishes them at
+        # normal priority instead of idle.
+        message.append(sys.stdin.buffer.readline())
+        if idle and message[0].strip():
+            os.sched_setscheduler(main_thread, os.SCHED_OTHER, os.sched_param(0))
+
+    reader = threading.Thread(target=read, name="lattice-standby", daemon=True)
+    reader.start()
     _prewarm(sys.argv[1:])
-    line = sys.stdin.buffer.readline()
+    reader.join()
+    line = message[0]
     if not line.strip():
         os._exit(0)
-    if idle:
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     msg = json.loads(line)
     _become(msg)
     if msg["mode"] == "module":

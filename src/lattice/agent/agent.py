@@ -150,8 +150,8 @@ class Agent:
             ckpt.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{opts.job}-"))
         if opts.tuning.prewarm and self.program.mode != "exec":
+            # The first round starts fresh; standbys are made once its workers are under way.
             self._pool = StandbyPool(self.program, self._node_envs, self._bootstrap, self._sinks)
-            self._pool.fill_later(0.0)
 
     def _sinks(self, local_rank: int) -> tuple[Sink, Sink]:
         shown = self.opts.local_ranks_filter is None or local_rank in self.opts.local_ranks_filter
