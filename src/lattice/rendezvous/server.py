@@ -35,6 +35,7 @@ from lattice.rendezvous.state import KV_MAX_VALUE, Conflict, Refused, Rendezvous
 
 STATE_KEY = web.AppKey("rendezvous_state", Rendezvous)
 MAX_BODY = 1024 * 1024
+GZIP_ABOVE = 16 * 1024  # round answers larger than this go out gzipped (one encode per round)
 ROUND_END_HOLD_MAX_S = 60.0
 
 _B = TypeVar("_B", bound=BaseModel)
@@ -53,7 +54,10 @@ class _Bad(Exception):
 
 
 async def _body(request: web.Request, model: type[_B]) -> _B:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except ConnectionResetError:  # the client went away mid-request (closed, cancelled)
+        raise _Bad(_error(400, "connection lost while reading the body")) from None
     try:
         return model.model_validate_json(raw or b"{}")
     except ValidationError as exc:
@@ -188,8 +192,13 @@ async def _join(request: web.Request) -> web.Response:
     rnd = state.round_for(job, node)
     if rnd is None:
         return web.json_response({"status": "waiting", "lease_s": state.lease_s})
-    return web.json_response(
-        {"status": "ready", "round": rnd.to_json(job.name), "lease_s": state.lease_s}
+    plain = rnd.ready_body(job.name, state.lease_s)
+    if len(plain) < GZIP_ABOVE or "gzip" not in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=plain, content_type="application/json")
+    return web.Response(
+        body=rnd.ready_body_gzip(job.name, state.lease_s),
+        content_type="application/json",
+        headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"},
     )
 
 
