@@ -32,6 +32,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -255,10 +256,12 @@ class Cluster:
         return cond(self.steps())
 
 
-def warmed_up(world: int, min_steps: int) -> Callable[[list[Step]], bool]:
+def warmed_up(world: int, min_steps: int, min_s: float) -> Callable[[list[Step]], bool]:
+    """Every rank of one group did ``min_steps`` steps and the group trained ``min_s`` seconds."""
+
     def cond(steps: list[Step]) -> bool:
         last = [s for s in steps if s.world == world]
-        if not last:
+        if not last or last[-1].t - last[0].t < min_s:
             return False
         pids = {s.pid for s in last[-4 * world :]}
         per_rank = {r: sum(1 for s in last if s.rank == r and s.pid in pids) for r in range(world)}
@@ -267,7 +270,9 @@ def warmed_up(world: int, min_steps: int) -> Callable[[list[Step]], bool]:
     return cond
 
 
-def run_trial(system: str, scenario: str, bound: float, warmup_steps: int) -> dict[str, object]:
+def run_trial(
+    system: str, scenario: str, bound: float, warmup_steps: int, warmup_s: float, keep: Path | None
+) -> dict[str, object]:
     nnodes = "2:2" if scenario == "worker_kill_fixed" else "1:3"
     with tempfile.TemporaryDirectory(prefix=f"recovery-{system}-") as tmp:
         cluster = Cluster(system, Path(tmp), nnodes)
@@ -275,7 +280,7 @@ def run_trial(system: str, scenario: str, bound: float, warmup_steps: int) -> di
             cluster.start_service()
             cluster.start_agent("a")
             cluster.start_agent("b")
-            if not cluster.wait_for(warmed_up(2, warmup_steps), 180):
+            if not cluster.wait_for(warmed_up(2, warmup_steps, warmup_s), 180 + warmup_s):
                 return {"recovered": False, "seconds": None, "error": "no warm-up"}
             before = {s.pid for s in cluster.steps()}
             victim_pid = max((s for s in cluster.steps() if s.agent == "b"), key=lambda s: s.t).pid
@@ -319,6 +324,9 @@ def run_trial(system: str, scenario: str, bound: float, warmup_steps: int) -> di
             }
         finally:
             cluster.teardown()
+            if keep is not None:
+                dest = keep / f"{scenario}-{system}-{int(time.time() * 1000)}"
+                shutil.copytree(tmp, dest)
 
 
 def _rdzv_loss_result(
@@ -362,9 +370,12 @@ def main() -> None:
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
     p.add_argument("--systems", default="torchrun,lattice")
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--warmup-s", type=float, default=15.0, help="train this long before a fault")
+    p.add_argument("--keep-logs", type=Path, default=None, help="copy each trial's logs here")
     args = p.parse_args()
     if args.quick:
-        args.trials, args.bound, args.warmup_steps = 1, min(args.bound, 60.0), 10
+        args.trials, args.bound = 1, min(args.bound, 60.0)
+        args.warmup_steps, args.warmup_s = 10, min(args.warmup_s, 10.0)
     scenarios = [s for s in args.scenarios.split(",") if s]
     systems = [s for s in args.systems.split(",") if s]
     for s in scenarios:
@@ -376,7 +387,9 @@ def main() -> None:
         for system in systems:
             trials = []
             for i in range(args.trials):
-                res = run_trial(system, scenario, args.bound, args.warmup_steps)
+                res = run_trial(
+                    system, scenario, args.bound, args.warmup_steps, args.warmup_s, args.keep_logs
+                )
                 log(f"{scenario} {system} trial {i + 1}/{args.trials}: {res}")
                 trials.append(res)
             results[scenario][system] = summarise(trials, args.bound)

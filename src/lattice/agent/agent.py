@@ -33,7 +33,7 @@ from lattice.agent.env import (
 )
 from lattice.agent.failures import FailureLedger
 from lattice.agent.options import RunOptions
-from lattice.agent.output import Sink
+from lattice.agent.output import Sink, drain_all
 from lattice.agent.ports import PortReservation
 from lattice.agent.protocol import SAFEPOINT_EXIT, bootstrap_dir
 from lattice.agent.standby import StandbyPool
@@ -485,3 +485,4 @@ class Agent:
             embedded.stop()
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+        drain_all()

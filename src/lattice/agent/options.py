@@ -77,7 +77,6 @@ class RunOptions:
     endpoint: str | None = None  # "host:port"; None → standalone embedded service
     job: str = ""
     max_restarts: int = DEFAULT_MAX_RESTARTS
-    monitor_interval_s: float = 0.1
     role: str = "default"
     local_addr: str | None = None
     master_addr: str | None = None
@@ -145,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rdzv-conf", "--rdzv_conf", action=_Env, default="", help="k=v,... (settle, ...)")
     a("--standalone", action=_CheckEnv, help="embedded rendezvous on this machine")
     a("--max-restarts", "--max_restarts", action=_Env, default=str(DEFAULT_MAX_RESTARTS))
-    a("--monitor-interval", "--monitor_interval", action=_Env, default="0.1")
+    a("--monitor-interval", "--monitor_interval", action=_Env, default=None, help="ignored")
     a("--start-method", "--start_method", action=_Env, default=None, help="accepted; ignored")
     a("--event-log-handler", "--event_log_handler", action=_Env, default=None, help="ignored")
     a("--role", action=_Env, default="default")
@@ -184,7 +183,9 @@ def parse_run_args(argv: list[str]) -> RunOptions:
     min_nodes, max_nodes = parse_nnodes(ns.nnodes)
     nproc = resolve_nproc(ns.nproc_per_node)
     max_restarts = _int(ns.max_restarts, "--max-restarts", minimum=0)
-    monitor = _float(ns.monitor_interval, "--monitor-interval", minimum=0.001)
+    if ns.monitor_interval is not None:
+        _float(ns.monitor_interval, "--monitor-interval", minimum=0.0)
+        notes.append("--monitor-interval accepted; the agent reacts to events, it does not poll")
     if ns.module and ns.no_python:
         raise UserError("--module and --no-python cannot be combined: pick one")
     backend = str(ns.rdzv_backend).lower()
@@ -259,7 +260,6 @@ def parse_run_args(argv: list[str]) -> RunOptions:
         endpoint=endpoint,
         job=job,
         max_restarts=max_restarts,
-        monitor_interval_s=monitor,
         role=ns.role,
         local_addr=ns.local_addr,
         master_addr=ns.master_addr if endpoint is None else None,

@@ -90,11 +90,12 @@ def test_torchrun_only_flags_are_accepted_with_a_note() -> None:
             "t.py",
         ]
     )
-    assert opts.role == "trainer" and opts.monitor_interval_s == 1.0
+    assert opts.role == "trainer"
     assert opts.tuning.settle_s == 0.2 and opts.tuning.safepoint_timeout_s == 5.0
     assert opts.tuning.join_timeout_s == 9.0
     joined = " | ".join(opts.notes)
     assert "c10d" in joined and "--start-method" in joined and "foo" in joined
+    assert "--monitor-interval" in joined
     assert "is_host" not in joined
 
 
