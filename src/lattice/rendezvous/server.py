@@ -249,6 +249,8 @@ async def _round_end(request: web.Request) -> web.Response:
     job = state.job(_job_name(request), create=False)
     if job is None:
         return _error(404, f"round {gen} is not known to the service", "unknown_round")
+    if node_id is not None and (node := job.nodes.get(node_id)) is not None:
+        node.last_seen = state.now()
     rnd = job.round
     if rnd is not None and rnd.generation == gen:
         if rnd.end is None:
