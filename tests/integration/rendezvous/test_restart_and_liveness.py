@@ -105,7 +105,7 @@ def _reap(proc: subprocess.Popen[bytes]) -> None:
 
 
 async def test_killed_agent_loses_its_lease_and_ends_the_round(service_factory, clients) -> None:
-    svc = service_factory(settle_s=NEVER, lease_s=1.0)
+    svc = service_factory(settle_s=NEVER, lease_s=2.0)
     proc = _agent(svc, min_nodes=2)
     try:
         survivor = clients(svc, "survivor")

@@ -39,7 +39,8 @@ async def test_round_closes_at_max_without_settle_and_extra_node_stands_by(
 async def test_settle_window_closes_below_max(service_factory, clients) -> None:
     svc = service_factory(settle_s=0.3)
     a, b = clients(svc, "a"), clients(svc, "b")
-    ra, rb = await bounded(asyncio.gather(join(a, max_nodes=4), join(b, max_nodes=4)))
+    both = (join(c, min_nodes=2, max_nodes=4) for c in (a, b))
+    ra, rb = await bounded(asyncio.gather(*both))
     assert ra == rb and len(ra.members) == 2
     assert metric(svc, "lattice_rendezvous_rounds_closed_total", 'trigger="settle"') == 1
 
