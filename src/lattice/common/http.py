@@ -23,6 +23,7 @@ from lattice.common.auth import Authenticator, Caller, bearer
 log = logging.getLogger(__name__)
 
 CALLER_KEY = web.AppKey("caller_authenticator", Authenticator)
+CALLER = web.RequestKey("caller", Caller)
 REGISTRY_KEY = web.AppKey("metrics_registry", CollectorRegistry)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
@@ -37,7 +38,7 @@ def json_error(status: int, message: str) -> web.Response:
 
 def caller(request: web.Request) -> Caller:
     """The authenticated caller of a request (set by the auth middleware)."""
-    return request["caller"]
+    return request[CALLER]
 
 
 def valid_job_id(job: str) -> bool:
@@ -64,6 +65,8 @@ def _auth_middleware(auth: Authenticator) -> Any:
         who = auth.identify(bearer(request.headers.get("Authorization")))
         if who is None:
             return json_error(401, "missing or invalid bearer token")
+        if request.match_info.http_exception is not None:
+            return await handler(request)  # an unknown route: 404/405, nothing to guard
         job = request.match_info.get("job")
         if job is not None:
             if not valid_job_id(job):
@@ -74,7 +77,7 @@ def _auth_middleware(auth: Authenticator) -> Any:
                 return json_error(403, f"token does not grant access to job {job!r}")
         elif not who.admin and not getattr(handler, "job_token_ok", False):
             return json_error(403, "this endpoint needs the admin token")
-        request["caller"] = who
+        request[CALLER] = who
         return await handler(request)
 
     return _auth

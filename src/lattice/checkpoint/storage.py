@@ -1,0 +1,236 @@
+"""The commit protocol over any fsspec filesystem (a local directory / PVC, or S3).
+
+Layout under the root::
+
+    <job>/.tmp/<random>                       uploads in progress
+    <job>/<step:012d>/shards/<name>.<sha256>  a complete shard, named by its content hash
+    <job>/<step:012d>/MANIFEST.json           written last, atomically: the commit
+
+A shard is streamed to a temporary object while it is hashed, then moved into place under a
+name that carries its hash; a commit checks every listed shard is in place with that hash and
+size, then writes the manifest to a temporary name and moves it into place. Only steps with a
+manifest are visible, so a crash at any point leaves earlier commits intact and the torn one
+invisible. Reads re-hash and compare with the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+
+from lattice.checkpoint.errors import CorruptCheckpoint
+from lattice.checkpoint.faults import fault
+from lattice.checkpoint.manifest import Manifest, ShardInfo
+from lattice.checkpoint.names import check_job, check_shard, check_step
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+MANIFEST = "MANIFEST.json"
+TEMP_TTL_S = 3600.0
+
+
+class CommitError(ValueError):
+    """A commit that cannot be accepted (missing or mismatched shard): nothing was written."""
+
+
+class Storage:
+    """Checkpoints of all jobs under one fsspec root. Blocking: call from worker threads."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = root.rstrip("/")
+        self.url = url
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            self.fs.makedirs(self.root, exist_ok=True)
+
+    # paths -------------------------------------------------------------------------------
+    def _job_dir(self, job: str) -> str:
+        return posixpath.join(self.root, check_job(job))
+
+    def _step_dir(self, job: str, step: int) -> str:
+        return posixpath.join(self._job_dir(job), f"{check_step(step):012d}")
+
+    def _shard_path(self, job: str, step: int, name: str, sha: str) -> str:
+        return posixpath.join(self._step_dir(job, step), "shards", f"{check_shard(name)}.{sha}")
+
+    # writes ------------------------------------------------------------------------------
+    def begin_shard(self, job: str, step: int, name: str) -> ShardUpload:
+        """Start streaming a shard: write chunks, then ``finish()`` (or ``abort()``)."""
+        return ShardUpload(self, job, check_step(step), check_shard(name))
+
+    def write_shard(self, job: str, step: int, name: str, chunks: Iterable[bytes]) -> ShardInfo:
+        """Stream a shard into place; returns its hash and size."""
+        upload = self.begin_shard(job, step, name)
+        try:
+            for chunk in chunks:
+                upload.write(chunk)
+        except BaseException:
+            upload.abort()
+            raise
+        return upload.finish()
+
+    def commit(
+        self, job: str, step: int, shards: dict[str, ShardInfo], meta: dict[str, Any], keep: int
+    ) -> Manifest:
+        """Make a checkpoint visible once every listed shard is stored with its hash."""
+        if not shards:
+            raise CommitError("a checkpoint needs at least one shard")
+        for name, info in shards.items():
+            path = self._shard_path(job, step, name, info.sha256)
+            try:
+                size = self.fs.size(path)
+            except FileNotFoundError:
+                size = None
+            if size is None:
+                raise CommitError(f"shard {name!r} with sha256 {info.sha256[:12]}… is not stored")
+            if size != info.size:
+                raise CommitError(f"shard {name!r} has {size} bytes, the commit says {info.size}")
+        manifest = Manifest(job, step, time.time(), dict(shards), meta)
+        fault("commit-before-manifest")
+        step_dir = self._step_dir(job, step)
+        tmp = posixpath.join(step_dir, f".{MANIFEST}.{uuid.uuid4().hex}")
+        with self.fs.open(tmp, "wb") as out:
+            out.write(manifest.to_json())
+        fault("commit-manifest-temp-written")
+        self.fs.mv(tmp, posixpath.join(step_dir, MANIFEST))
+        fault("commit-after-manifest")
+        self.apply_retention(job, keep)
+        return manifest
+
+    # reads -------------------------------------------------------------------------------
+    def manifests(self, job: str) -> list[Manifest]:
+        """Committed checkpoints, newest first; invalid manifests are skipped with a log line."""
+        job_dir = self._job_dir(job)
+        try:
+            entries = self.fs.ls(job_dir, detail=False)
+        except FileNotFoundError:
+            return []
+        found: list[Manifest] = []
+        for entry in sorted(entries, reverse=True):
+            base = posixpath.basename(entry.rstrip("/"))
+            if not (base.isdigit() and len(base) == 12):
+                continue
+            path = posixpath.join(job_dir, base, MANIFEST)
+            try:
+                with self.fs.open(path, "rb") as f:
+                    manifest = Manifest.parse(f.read())
+            except FileNotFoundError:
+                continue
+            except CorruptCheckpoint as exc:
+                log.warning("skipping checkpoint %s step %s: %s", job, int(base), exc)
+                continue
+            if manifest.job != job or manifest.step != int(base):
+                log.warning("skipping checkpoint %s step %s: manifest names another", job, base)
+                continue
+            found.append(manifest)
+        return found
+
+    def manifest(self, job: str, step: int) -> Manifest | None:
+        return next((m for m in self.manifests(job) if m.step == step), None)
+
+    def read_shard(self, manifest: Manifest, name: str) -> Iterator[bytes]:
+        """Stream a committed shard, raising CorruptCheckpoint at the end if it doesn't hash."""
+        info = manifest.shards[check_shard(name)]
+        path = self._shard_path(manifest.job, manifest.step, name, info.sha256)
+        digest, size = hashlib.sha256(), 0
+        try:
+            f = self.fs.open(path, "rb")
+        except FileNotFoundError as exc:
+            raise CorruptCheckpoint(f"shard {name!r} of step {manifest.step} is missing") from exc
+        with f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                yield chunk
+        if size != info.size or digest.hexdigest() != info.sha256:
+            log.warning(
+                "checkpoint %s step %s shard %s fails its checksum",
+                manifest.job,
+                manifest.step,
+                name,
+            )
+            raise CorruptCheckpoint(f"shard {name!r} of step {manifest.step} fails its checksum")
+
+    # housekeeping ------------------------------------------------------------------------
+    def apply_retention(self, job: str, keep: int) -> None:
+        """Keep the newest ``keep`` commits; drop torn steps older than the newest commit."""
+        committed = self.manifests(job)
+        for old in committed[max(keep, 1) :]:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self._step_dir(job, old.step), recursive=True)
+        if not committed:
+            return
+        newest = committed[0].step
+        committed_steps = {m.step for m in committed}
+        job_dir = self._job_dir(job)
+        for entry in self.fs.ls(job_dir, detail=False):
+            base = posixpath.basename(entry.rstrip("/"))
+            if base.isdigit() and int(base) < newest and int(base) not in committed_steps:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(entry, recursive=True)
+        self._drop_stale_temps(job)
+
+    def _drop_stale_temps(self, job: str) -> None:
+        tmp_dir = posixpath.join(self._job_dir(job), ".tmp")
+        try:
+            entries = self.fs.ls(tmp_dir, detail=True)
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for entry in entries:
+            modified = entry.get("mtime") or entry.get("LastModified")
+            stamp = modified.timestamp() if hasattr(modified, "timestamp") else modified
+            if isinstance(stamp, int | float) and now - stamp > TEMP_TTL_S:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm(entry["name"])
+
+
+class ShardUpload:
+    """One shard being streamed to a temporary object while it is hashed."""
+
+    def __init__(self, storage: Storage, job: str, step: int, name: str) -> None:
+        self._storage, self.job, self.step, self.name = storage, job, step, name
+        tmp_dir = posixpath.join(storage._job_dir(job), ".tmp")
+        storage.fs.makedirs(tmp_dir, exist_ok=True)
+        self._tmp = posixpath.join(tmp_dir, uuid.uuid4().hex)
+        self._out = storage.fs.open(self._tmp, "wb")
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self._digest.update(chunk)
+        self.size += len(chunk)
+        self._out.write(chunk)
+
+    def finish(self) -> ShardInfo:
+        """Move the complete shard into place under its content hash."""
+        fs = self._storage.fs
+        try:
+            self._out.close()
+            fault("shard-temp-written")
+            info = ShardInfo(self._digest.hexdigest(), self.size)
+            final = self._storage._shard_path(self.job, self.step, self.name, info.sha256)
+            fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            fault("shard-before-rename")
+            fs.mv(self._tmp, final)
+            fault("shard-after-rename")
+            return info
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop a torn upload: nothing of it becomes visible."""
+        with contextlib.suppress(Exception):
+            self._out.close()
+        with contextlib.suppress(Exception):
+            self._storage.fs.rm(self._tmp)
