@@ -392,9 +392,14 @@ class Rendezvous:
     # ------------------------------------------------------------------ ending rounds
 
     def end_round(self, job: Job, reason: str, detail: str, *, graceful: bool = False) -> None:
+        """End the running round for all its members, then see whether the next can close."""
+        if self._mark_ended(job, reason, detail, graceful):
+            self.evaluate(job)
+
+    def _mark_ended(self, job: Job, reason: str, detail: str, graceful: bool) -> bool:
         rnd = job.running()
         if rnd is None:
-            return
+            return False
         rnd.end = End(rnd.generation, reason, detail, graceful)
         rnd.ended_at = self.now()
         job.history[rnd.generation] = rnd.end
@@ -404,7 +409,7 @@ class Rendezvous:
         log.info("job %s: round %d ended: %s (%s)", job.name, rnd.generation, reason, detail)
         if self.metrics is not None:
             self.metrics.round_ends.labels(reason).inc()
-        self.evaluate(job)
+        return True
 
     def failure(self, job: Job, generation: int, node_id: str, detail: str) -> None:
         rnd = job.running()
@@ -488,7 +493,7 @@ class Rendezvous:
         if rnd is not None and rnd.generation > gen:
             detail = f"round {gen} was replaced by round {rnd.generation} while this node was away"
             return "ended", End(gen, "node_lost", detail, False)
-        self.end_round(job, "node_lost", f"superseded by re-registered round {gen}")
+        self._mark_ended(job, "node_lost", f"superseded by re-registered round {gen}", False)
         members = [Member(m.node_id, m.rank, m.nproc, m.addr, m.port) for m in body.members]
         members.sort(key=lambda m: m.rank)
         job.highest = max(job.highest, gen)

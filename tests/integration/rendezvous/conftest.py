@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # rdzv_testing (--import-mode=importlib)
+
 from rdzv_testing import Service
 
 from lattice.rendezvous.client import AdminClient, RendezvousClient
