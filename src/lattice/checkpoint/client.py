@@ -7,6 +7,7 @@ or altered upload cannot be committed) and on the way down (a corrupt read raise
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -152,7 +153,9 @@ class CheckpointClient:
         """Stream a shard; raises CorruptCheckpoint at the end if it does not hash right."""
         check_step(step)
         check_shard(name)
-        with self._http.stream("GET", f"{self._root}/{step}/shards/{name}") as response:
+        request = self._http.build_request("GET", f"{self._root}/{step}/shards/{name}")
+        response = self._call(lambda: self._http.send(request, stream=True))
+        with contextlib.closing(response):
             if response.status_code == 422:
                 response.read()
                 raise CorruptCheckpoint(response.json().get("error", "corrupt shard"))
