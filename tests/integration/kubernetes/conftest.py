@@ -3,10 +3,15 @@ to them over loopback HTTP; everything is stopped at the end of each test."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+# The helper modules next to this file (importable under any pytest import mode).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from fake_kube_api import FakeKube
 from k8s_testing import Operators
 

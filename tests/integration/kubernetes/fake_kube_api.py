@@ -155,6 +155,8 @@ class FakeKube:
         self._conflicts: dict[tuple[str, str], int] = {}
         self._changed = asyncio.Event()
         self._closing = False
+        self._epoch = 0  # bumped by drop_watches: open watch streams end
+        self.gone_sent = 0  # 410 Gone answers to watches
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -297,6 +299,11 @@ class FakeKube:
         """Forget the change history: watches resuming from an older version get 410 Gone."""
         self.floor = self.rv
         self.history.clear()
+        self._notify()
+
+    def drop_watches(self) -> None:
+        """End every open watch stream (like an API server restart or a load balancer)."""
+        self._epoch += 1
         self._notify()
 
     def used(self) -> set[tuple[str, str, str]]:
@@ -624,6 +631,7 @@ class FakeKube:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         cursor = int(since)
+        epoch = self._epoch
         try:
             if cursor == 0:
                 cursor = self.rv
@@ -634,21 +642,18 @@ class FakeKube:
                 gone = ApiFailure(
                     410, "Expired", f"too old resource version: {cursor} ({self.floor})"
                 ).status()
+                self.gone_sent += 1
                 await send("ERROR", gone)
                 return response
-            while not self._closing and loop.time() < deadline:
+            while not self._closing and loop.time() < deadline and epoch == self._epoch:
                 changed = self._changed
-                if cursor < self.floor:
-                    await send(
-                        "ERROR", ApiFailure(410, "Expired", "too old resource version").status()
-                    )
-                    return response
                 for rv, kind, key, obj in self.history:
                     if rv > cursor and relevant(key, obj):
                         await send(kind, obj)
                 cursor = self.rv
                 try:
-                    await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
+                    async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                        await changed.wait()
                 except TimeoutError:
                     break
         except (ConnectionResetError, asyncio.CancelledError):

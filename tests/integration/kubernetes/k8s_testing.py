@@ -32,7 +32,8 @@ class Operators:
         started = asyncio.Event()
         task = asyncio.create_task(process.serve(started))
         self.running.append((process, task, api))
-        await asyncio.wait_for(started.wait(), 30)
+        async with asyncio.timeout(30):
+            await started.wait()
         return process
 
     async def stop(self, process: OperatorProcess) -> None:

@@ -183,8 +183,11 @@ class Controller:
                 wait = self.config.resync_s
                 if failures or self._retry:
                     wait = min(wait, RETRY_SOON_S * 2 ** min(failures, 5))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation
+                # that arrives just as the wake-up does, and the operator would not stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
                 await asyncio.sleep(self.config.debounce_s)  # let a burst of changes settle
         finally:
             for t in tasks:

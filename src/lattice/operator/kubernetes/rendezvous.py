@@ -2,6 +2,7 @@
 
 A slow or absent rendezvous service must never stall the reconcile cycle (pods still get
 created and replaced), so every call has a short deadline and failures read as "unknown".
+Deadlines use ``asyncio.timeout``: ``wait_for`` on Python 3.11 can lose a cancellation.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ class RendezvousView:
     async def observe(self, job_id: str) -> tuple[RoundInfo | None, int | None]:
         """The job's current round (size 0 between rounds) and the target the service holds."""
         try:
-            data = await asyncio.wait_for(self._client.job_status(job_id), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                data = await self._client.job_status(job_id)
         except (UserError, TimeoutError, OSError, ValueError) as exc:
             self._failed(f"status of {job_id}", exc)
             return None, None
@@ -50,7 +52,8 @@ class RendezvousView:
 
     async def set_target(self, job_id: str, size: int | None) -> bool:
         try:
-            await asyncio.wait_for(self._client.set_target(job_id, size), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await self._client.set_target(job_id, size)
         except (UserError, TimeoutError, OSError, ValueError) as exc:
             self._failed(f"setting the target of {job_id} to {size}", exc)
             return False
