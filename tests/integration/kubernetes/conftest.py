@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fake_kube_api import FakeKube
 from k8s_testing import Operators
 
+from lattice.checkpoint.server import create_app as checkpoint_app
 from lattice.common.http import BackgroundService
 from lattice.operator.core import ReconcileConfig
 from lattice.operator.kubernetes import PERMISSIONS, OperatorConfig
@@ -46,13 +47,25 @@ def rendezvous(admin_token: str) -> Iterator[BackgroundService]:
 
 
 @pytest.fixture
+def checkpoint_service(admin_token: str, tmp_path: Path) -> Iterator[BackgroundService]:
+    data = tmp_path / "checkpoints"
+    service = BackgroundService(lambda: checkpoint_app(admin_token, str(data)))
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
 async def operators(
-    kubeconfig: Path, rendezvous: BackgroundService, admin_token: str
+    kubeconfig: Path,
+    rendezvous: BackgroundService,
+    checkpoint_service: BackgroundService,
+    admin_token: str,
 ) -> AsyncIterator[Operators]:
     base = OperatorConfig(
         admin_token=admin_token,
         rendezvous_endpoint=rendezvous.endpoint,
-        checkpoint_endpoint="127.0.0.1:1",
+        checkpoint_endpoint=checkpoint_service.endpoint,
         identity="operator-a",
         resync_s=2.0,
         debounce_s=0.02,

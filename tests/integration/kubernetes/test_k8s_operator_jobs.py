@@ -3,6 +3,7 @@ failures, invalid specs, and the verbs it uses."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -10,6 +11,7 @@ from fake_kube_api import FakeKube
 from k8s_testing import Operators, job_manifest, until
 
 from lattice.api import parse_job
+from lattice.checkpoint.client import CheckpointClient
 from lattice.common.auth import Authenticator
 from lattice.common.http import BackgroundService
 from lattice.operator.core import LABEL_INDEX, LABEL_JOB, worker_command
@@ -38,6 +40,7 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
     kube: FakeKube,
     operators: Operators,
     rendezvous: BackgroundService,
+    checkpoint_service: BackgroundService,
     admin_token: str,
     api: str,
 ) -> None:
@@ -57,7 +60,7 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
     expected = worker_command(
         job,
         rendezvous_endpoint=rendezvous.endpoint,
-        checkpoint_endpoint="127.0.0.1:1",
+        checkpoint_endpoint=checkpoint_service.endpoint,
         job_id="team-resnet",
     )
     owner = {
@@ -88,7 +91,7 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
         env = {e["name"]: e for e in container["env"]}
         assert env["USER_SETTING"]["value"] == "kept"
         assert env["LATTICE_NODE_ID"]["value"] == meta["name"]
-        assert env["LATTICE_CHECKPOINT_ENDPOINT"]["value"] == "127.0.0.1:1"
+        assert env["LATTICE_CHECKPOINT_ENDPOINT"]["value"] == checkpoint_service.endpoint
         assert env["LATTICE_TOKEN"] == {
             "name": "LATTICE_TOKEN",
             "valueFrom": {"secretKeyRef": {"name": secret_name("resnet"), "key": "token"}},
@@ -118,6 +121,17 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
         assert (await admin.job_status("team-resnet"))["target"] == 3
     reasons = {e["reason"] for e in kube.list("v1", "events", "team")}
     assert {"Admitted", "Pending"} <= reasons
+
+    # a checkpoint the workers commit (with the job token) shows in the status
+    def commit() -> None:
+        with CheckpointClient(checkpoint_service.endpoint, "team-resnet", token) as client:
+            client.commit(120, {"model": client.put_shard(120, "model", b"weights")}, {})
+
+    await asyncio.to_thread(commit)
+    await until(
+        lambda: (_status(kube, api, "resnet").get("lastCheckpoint") or {}).get("step") == 120,
+        what="lastCheckpoint in the status",
+    )
 
 
 async def test_no_admin_token_anywhere_a_worker_can_see(

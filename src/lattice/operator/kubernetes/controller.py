@@ -29,6 +29,7 @@ from lattice.operator.core import (
     DEFAULT_RESIZE_COOLDOWN_S,
     LABEL_JOB,
     Action,
+    CheckpointInfo,
     CreateWorker,
     DeleteJob,
     DeleteWorker,
@@ -47,6 +48,7 @@ from lattice.operator.core import (
 )
 from lattice.operator.kubernetes import children
 from lattice.operator.kubernetes.api import ApiError, KubeApi
+from lattice.operator.kubernetes.checkpoints import CheckpointView
 from lattice.operator.kubernetes.metrics import OperatorMetrics
 from lattice.operator.kubernetes.observe import (
     TERMINAL_POD_PHASES,
@@ -138,6 +140,7 @@ class Controller:
         *,
         metrics: OperatorMetrics | None = None,
         rendezvous: RendezvousView | None = None,
+        checkpoints: CheckpointView | None = None,
     ) -> None:
         self.api = api
         self.config = config
@@ -145,6 +148,9 @@ class Controller:
         self.rendezvous = rendezvous or RendezvousView(
             config.rendezvous_endpoint, config.admin_token
         )
+        if checkpoints is None and config.checkpoint_endpoint:
+            checkpoints = CheckpointView(config.checkpoint_endpoint, config.admin_token)
+        self.checkpoints = checkpoints
         self.services = Services(
             rendezvous_endpoint=config.rendezvous_endpoint,
             checkpoint_endpoint=config.checkpoint_endpoint,
@@ -261,7 +267,9 @@ class Controller:
                 self._api_failed(entry, exc)
 
         allocation = self._allocate(active, nodes, pods, workers, now)
-        observed = await self._observe_rendezvous(active)
+        observed, checkpoints = await asyncio.gather(
+            self._observe_rendezvous(active), self._observe_checkpoints(active)
+        )
         phases: dict[str, int] = {}
         for entry in active:
             job = entry.job
@@ -274,7 +282,12 @@ class Controller:
             round_info, target = observed.get(entry.key, (None, None))
             actions = reconcile(
                 job,
-                Observed(workers=states, round=round_info, rendezvous_target=target),
+                Observed(
+                    workers=states,
+                    round=round_info,
+                    rendezvous_target=target,
+                    last_checkpoint=checkpoints.get(entry.key),
+                ),
                 allocation.get(entry.key, 0),
                 now=now,
                 services=self.services,
@@ -355,6 +368,21 @@ class Controller:
             *(self.rendezvous.observe(e.job.job_id) for e in asked if e.job is not None)
         )
         return {e.key: a for e, a in zip(asked, answers, strict=True)}
+
+    async def _observe_checkpoints(self, active: Iterable[_Entry]) -> dict[str, CheckpointInfo]:
+        view = self.checkpoints
+        if view is None:
+            return {}
+        asked = [
+            e.job
+            for e in active
+            if e.job is not None
+            and e.job.spec.inject_lattice
+            and e.job.spec.checkpoint.enabled
+            and not e.job.current_status().terminal
+        ]
+        answers = await asyncio.gather(*(view.latest(job.job_id) for job in asked))
+        return {job.key: info for job, info in zip(asked, answers, strict=True) if info}
 
     # -- applying actions ----------------------------------------------------------------
 

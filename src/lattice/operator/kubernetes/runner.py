@@ -54,6 +54,7 @@ class OperatorProcess:
         self.metrics = OperatorMetrics(registry_of(self.app))
         self.rendezvous = RendezvousView(config.rendezvous_endpoint, config.admin_token)
         self.controller = Controller(api, config, metrics=self.metrics, rendezvous=self.rendezvous)
+        self.checkpoints = self.controller.checkpoints
         self.elector = (
             LeaderElector(
                 api,
@@ -95,4 +96,6 @@ class OperatorProcess:
                 await self.elector.run(self.controller.run)
         finally:
             await self.rendezvous.close()
+            if self.checkpoints is not None:
+                await self.checkpoints.close()
             await runner.cleanup()
