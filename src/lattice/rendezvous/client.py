@@ -212,8 +212,13 @@ class RendezvousClient:
                     "POST", f"{self._base}/join", json={**body, "wait_s": hold}, hold=hold
                 )
                 ready = _ready_answer(response.content)
-                if ready is None:
-                    self._learn_lease(response.json())
+                if ready is None:  # still waiting: remember the job's generation, so that
+                    data = response.json()  # after a restart the service knows it had rounds
+                    self._learn_lease(data)
+                    current = data.get("generation")
+                    if isinstance(current, int):
+                        self._highest = max(self._highest or 0, current)
+                        body["last_generation"] = self._highest
                 else:
                     rnd, lease = ready
                     self._learn_lease({"lease_s": lease})

@@ -191,7 +191,10 @@ async def _join(request: web.Request) -> web.Response:
             node.last_seen = state.now()
     rnd = state.round_for(job, node)
     if rnd is None:
-        return web.json_response({"status": "waiting", "lease_s": state.lease_s})
+        current = job.round.generation if job.round is not None else None
+        return web.json_response(
+            {"status": "waiting", "lease_s": state.lease_s, "generation": current}
+        )
     plain = rnd.ready_body(job.name, state.lease_s)
     if len(plain) < GZIP_ABOVE or "gzip" not in request.headers.get("Accept-Encoding", ""):
         return web.Response(body=plain, content_type="application/json")

@@ -50,6 +50,35 @@ async def test_restart_mid_round_does_not_end_it_and_clients_reregister(
     assert r2[0].generation > r.generation
 
 
+async def test_standby_does_not_steal_the_round_across_a_restart(
+    service_factory, clients, admin
+) -> None:
+    svc = service_factory(settle_s=0.0, lease_s=2.0)
+    a, b, c = clients(svc, "a"), clients(svc, "b"), clients(svc, "c")
+    both = (join(x, min_nodes=2, max_nodes=2) for x in (a, b))
+    r = (await bounded(asyncio.gather(*both)))[0]
+    assert len(r.members) == 2
+    standby = asyncio.ensure_future(join(c, min_nodes=1, max_nodes=2))  # the job's min is now 1
+    adm = admin(svc)
+
+    async def c_waits():
+        return [w["node_id"] for w in (await adm.job_status("job"))["waiting"]] == ["c"]
+
+    await until(c_waits, "c to stand by")
+    ends = [asyncio.ensure_future(x.wait_round_end(r.generation)) for x in (a, b)]
+    svc.restart()  # c re-joins at once; settle is 0 and min is 1, yet the round must survive
+
+    async def readopted():
+        status = await adm.job_status("job")
+        return status["running"] and status
+
+    status = await until(readopted, "the round to be re-registered")
+    assert status["generation"] == r.generation
+    assert [w["node_id"] for w in status["waiting"]] == ["c"]
+    assert not standby.done() and not any(e.done() for e in ends)
+    standby.cancel()
+
+
 async def test_generation_never_reused_after_restart_even_for_fresh_agents(
     service_factory, clients
 ) -> None:
