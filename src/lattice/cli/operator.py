@@ -104,11 +104,6 @@ def operator(
     worker_grace: int,
 ) -> None:
     """Run the operator: keep every TrainingJob between minSize and maxSize worker pods."""
-    from lattice.operator.core import ReconcileConfig
-    from lattice.operator.kubernetes.api import KubeApi
-    from lattice.operator.kubernetes.controller import OperatorConfig, default_identity
-    from lattice.operator.kubernetes.runner import LeaderConfig, OperatorProcess
-
     if namespace and all_namespaces:
         raise UserError("--namespace and --all-namespaces exclude each other: pass one")
     token = token or token_from_env()
@@ -119,6 +114,12 @@ def operator(
         )
     if not rendezvous_endpoint.strip():
         raise UserError("--rendezvous-endpoint is empty: give HOST:PORT")
+    # Imported here: `lattice --help` and the checks above stay fast.
+    from lattice.operator.core import ReconcileConfig
+    from lattice.operator.kubernetes.api import KubeApi
+    from lattice.operator.kubernetes.controller import OperatorConfig, default_identity
+    from lattice.operator.kubernetes.runner import LeaderConfig, OperatorProcess
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -226,3 +226,32 @@ async def test_same_name_in_both_groups_runs_only_the_older(
     assert "exabits.ai/v1" in status["message"]
     await until(lambda: _status(kube, EXABITS, "twin").get("phase") == "Running", what="Running")
     assert len(kube.pods("team")) == 1
+
+
+async def test_finished_job_succeeds_then_goes_after_its_ttl(
+    kube: FakeKube, operators: Operators
+) -> None:
+    kube.add_node("node-0", {"pods": "4"})
+    kube.create(EXABITS, "trainingjobs", job_manifest("done", min_size=2, max_size=2))
+    kube.create(
+        EXABITS,
+        "trainingjobs",
+        job_manifest("brief", max_size=1, runPolicy={"ttlSecondsAfterFinished": 0}),
+    )
+    await operators.start()
+    await until(lambda: len(_running_pods(kube, "done")) == 2, what="2 workers")
+    await until(lambda: len(_running_pods(kube, "brief")) == 1, what="1 worker")
+    for name in ("done-worker-0", "done-worker-1", "brief-worker-0"):
+        kube.succeed_pod("team", name)
+
+    status = await until(
+        lambda: (s := _status(kube, EXABITS, "done")).get("phase") == "Succeeded" and s,
+        what="Succeeded",
+    )
+    assert status["completionTime"] and status["targetSize"] == 0
+    # cleanPodPolicy Running (the default) keeps finished workers for their logs
+    assert {p["status"]["phase"] for p in kube.pods("team", f"{LABEL_JOB}=done")} == {"Succeeded"}
+    await until(
+        lambda: kube.get(EXABITS, "trainingjobs", "team", "brief") is None,
+        what="the job deleted after ttlSecondsAfterFinished",
+    )
