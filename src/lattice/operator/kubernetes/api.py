@@ -135,7 +135,12 @@ class KubeApi:
             raise ApiError(0, "Unavailable", str(exc) or type(exc).__name__) from exc
         if response.status_code >= 400:
             raise _error(response.status_code, response.content)
-        return dict(response.json())
+        try:
+            return dict(response.json())
+        except ValueError as exc:
+            raise ApiError(
+                response.status_code, "BadResponse", f"not a JSON object: {exc}"
+            ) from exc
 
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
         self._check("get", res)
@@ -182,12 +187,15 @@ class KubeApi:
                 async for line in response.aiter_lines():
                     if not line.strip():
                         continue
-                    event = json.loads(line)
-                    kind, obj = event.get("type"), event.get("object") or {}
+                    try:
+                        event = json.loads(line)
+                        kind, obj = event.get("type"), event.get("object") or {}
+                    except (ValueError, AttributeError) as exc:
+                        raise ApiError(0, "BadWatchEvent", f"{line[:200]!r}: {exc}") from exc
                     if kind == "ERROR":
                         raise _error(int(obj.get("code") or 500), json.dumps(obj).encode())
                     yield str(kind), obj
-        except httpx2.TransportError as exc:
+        except httpx2.HTTPError as exc:
             raise ApiError(0, "Unavailable", str(exc) or type(exc).__name__) from exc
 
     async def create(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:

@@ -72,6 +72,7 @@ log = logging.getLogger("lattice.operator.kubernetes")
 Obj = dict[str, Any]
 WRITE_ATTEMPTS = 5
 WATCH_TIMEOUT_S = 300
+HEALTHY_WATCH_S = 5.0  # a watch that lasted this long ended normally, not in a failure loop
 RETRY_SOON_S = 1.0
 
 
@@ -186,6 +187,10 @@ class Controller:
                     failures += 1
                     self.metrics.errors.labels("cycle").inc()
                     log.warning("reconcile cycle failed: %s", exc)
+                except Exception:  # a bug or an object we cannot read: keep serving the rest
+                    failures += 1
+                    self.metrics.errors.labels("cycle").inc()
+                    log.exception("reconcile cycle failed")
                 wait = self.config.resync_s
                 if failures or self._retry:
                     wait = min(wait, RETRY_SOON_S * 2 ** min(failures, 5))
@@ -205,6 +210,7 @@ class Controller:
         version: str | None = None
         backoff = RETRY_SOON_S
         while True:
+            started = time.monotonic()
             try:
                 async for kind, obj in self.api.watch(
                     res, namespace, labels, version, WATCH_TIMEOUT_S
@@ -212,7 +218,6 @@ class Controller:
                     version = (obj.get("metadata") or {}).get("resourceVersion") or version
                     if kind != "BOOKMARK":
                         self.wake()
-                backoff = RETRY_SOON_S
             except ApiError as exc:
                 if exc.gone:
                     version = None
@@ -220,8 +225,17 @@ class Controller:
                     continue
                 level = logging.DEBUG if exc.not_found else logging.WARNING
                 log.log(level, "watch of %s: %s", res.rbac_name, exc)
-                await asyncio.sleep(backoff if not exc.not_found else self.config.resync_s)
-                backoff = min(backoff * 2, 30.0)
+                if exc.not_found:  # the CRD is not installed (yet)
+                    await asyncio.sleep(self.config.resync_s)
+                    continue
+            except Exception:
+                log.exception("watch of %s failed", res.rbac_name)
+            else:
+                if time.monotonic() - started >= HEALTHY_WATCH_S:
+                    backoff = RETRY_SOON_S  # it ran a while (server timeout): resume at once
+                    continue
+            await asyncio.sleep(backoff)  # failed or ended early: back off
+            backoff = min(backoff * 2, 30.0)
 
     # -- one cycle -----------------------------------------------------------------------
 
