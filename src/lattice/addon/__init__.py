@@ -1,1 +1,1 @@
-"""lattice.addon (see docs/architecture.md)."""
+"""lattice.addon: checkpoints and restores training state inside training processes."""

@@ -1,0 +1,33 @@
+"""Single process, DataLoader(num_workers=2, shuffle=True) (a RandomSampler), dropout, Adam.
+
+Run as `python train_workers.py` or under `lattice run`. Unmodified: knows nothing about Lattice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from _zoo import IdDataset, log_batch, save_params
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
+    loader = DataLoader(data, batch_size=4, shuffle=True, num_workers=2)
+    for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
+        for ids, x, y in loader:
+            log_batch(0, epoch, ids)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_params(model)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Data position: which batches each DataLoader pass has handed to the training loop.
+
+With the sampler's strided split, the samples consumed in a pass are a prefix of the pass's
+global order. A restored pass skips that prefix by sampler index (no data is loaded for it) and
+re-splits the remainder over the current world size, padded like `DistributedSampler` pads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+
+@dataclass
+class Position:
+    """Where one loader stood at a checkpoint: pass index and global samples consumed in it."""
+
+    pass_index: int
+    consumed: int
+    done: bool
+    order: list[int] | None = None  # the pass's order when it came from a random draw
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_index,
+            "consumed": self.consumed,
+            "done": self.done,
+            "order": torch.tensor(self.order, dtype=torch.int64) if self.order else None,
+        }
+
+    @classmethod
+    def from_state(cls, raw: dict[str, Any]) -> Position:
+        order = raw.get("order")
+        return cls(
+            int(raw["pass"]),
+            int(raw["consumed"]),
+            bool(raw["done"]),
+            order.tolist() if order is not None else None,
+        )
+
+
+@dataclass
+class LoaderTrack:
+    """What the addon knows about one DataLoader."""
+
+    index: int
+    passes: int = 0  # __iter__ calls so far
+    yielded: int = 0  # batches handed to the loop in the current pass
+    base: int = 0  # global samples already consumed when the current pass (re)started
+    done: bool = False
+    resume: Position | None = None  # set on restore; consumed by the matching pass
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def position(self, loader: DataLoader) -> Position:
+        sampler = getattr(loader, "sampler", None)
+        world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
+        batch = loader.batch_size or 1
+        consumed = self.base + self.yielded * batch * world
+        order = getattr(sampler, "_lattice_order", None)
+        return Position(max(self.passes - 1, 0), consumed, self.done, order)
+
+
+def _split(remaining: list[int], sampler: DistributedSampler) -> list[int]:
+    """This rank's share of ``remaining`` under the strided split, padded like the sampler."""
+    world, rank = sampler.num_replicas, sampler.rank
+    if sampler.drop_last:
+        remaining = remaining[: len(remaining) - len(remaining) % world]
+    elif remaining and len(remaining) % world:
+        pad = world - len(remaining) % world
+        remaining = remaining + (remaining * (pad // len(remaining) + 1))[:pad]
+    return remaining[rank::world]
+
+
+def _distributed_order(sampler: DistributedSampler) -> list[int]:
+    if sampler.shuffle:
+        g = torch.Generator()
+        g.manual_seed(sampler.seed + sampler.epoch)
+        return torch.randperm(len(sampler.dataset), generator=g).tolist()  # type: ignore[arg-type]
+    return list(range(len(sampler.dataset)))  # type: ignore[arg-type]
+
+
+def _patch_sampler(cls: type, record_order: bool) -> None:
+    original: Callable[[Any], Iterator[int]] = cls.__iter__
+    if getattr(original, "_lattice", False):
+        return
+
+    def __iter__(self: Any) -> Iterator[int]:
+        skip = self.__dict__.pop("_lattice_skip", None)
+        if skip is None:
+            if record_order:
+                order = list(original(self))
+                self._lattice_order = order
+                return iter(order)
+            return original(self)
+        consumed, order = skip
+        if isinstance(self, DistributedSampler):
+            return iter(_split(_distributed_order(self)[consumed:], self))
+        if order is None:
+            order = list(range(len(self.data_source)))
+        if record_order:
+            self._lattice_order = order
+        return iter(order[consumed:])
+
+    __iter__._lattice = True  # type: ignore[attr-defined]
+    cls.__iter__ = __iter__  # type: ignore[method-assign]
+
+
+def patch_samplers() -> None:
+    """Let the samplers the addon understands start a pass part-way (by index, no data read)."""
+    _patch_sampler(DistributedSampler, record_order=False)
+    _patch_sampler(RandomSampler, record_order=True)
+    _patch_sampler(SequentialSampler, record_order=False)
+
+
+def arm_skip(loader: DataLoader, position: Position) -> bool:
+    """Make the loader's next pass start after ``position.consumed`` samples; False if unknown."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler | RandomSampler | SequentialSampler):
+        return False
+    sampler._lattice_skip = (position.consumed, position.order)  # type: ignore[union-attr]
+    return True

@@ -1,0 +1,430 @@
+"""The addon inside a training process: discovery, step boundaries, snapshots, restore.
+
+A step is counted by the (first) optimizer's post-step hook; the step *boundary* is the moment
+the loop asks its DataLoader for the next batch (so scaler updates and per-step scheduler calls
+made after ``optimizer.step()`` are included). Snapshots are copied on the training thread and
+written by a background thread to the node-local tier.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import logging
+import math
+import os
+import queue
+import sys
+import threading
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lattice.addon import data, local_tier, protocol, state
+
+log = logging.getLogger("lattice.addon")
+
+KEEP = 2
+CALIBRATION_STEPS = 6
+OVERHEAD_TARGET = 0.03
+CONTROL_POLL_S = 0.05
+WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
+
+
+def _say(msg: str) -> None:
+    print(f"lattice addon: {msg}", file=sys.stderr, flush=True)
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def parse_every(raw: str | None) -> tuple[str, float]:
+    """``N`` → ("steps", N); ``Ns`` → ("seconds", N); unset → ("auto", 0)."""
+    if not raw:
+        return ("auto", 0.0)
+    text = raw.strip().lower()
+    try:
+        if text.endswith("s"):
+            value = float(text[:-1])
+            if value > 0:
+                return ("seconds", value)
+        elif int(text) > 0:
+            return ("steps", float(int(text)))
+    except ValueError:
+        pass
+    from lattice.common.errors import UserError
+
+    raise UserError(f"LATTICE_CHECKPOINT_EVERY={raw!r}: expected N (steps) or Ns (seconds)")
+
+
+class Runtime:
+    """One per process; created by `activate`."""
+
+    def __init__(self, root: Path, control: str | None, every: tuple[str, float]) -> None:
+        self.root = root
+        self.control = control
+        self.mode, self.every = every
+        self.interval = int(self.every) if self.mode == "steps" else 1
+        self.optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
+        self.schedulers: list[weakref.ref[Any]] = []
+        self.scalers: list[weakref.ref[Any]] = []
+        self.loaders: list[weakref.ref[DataLoader]] = []
+        self.registered: dict[str, Any] = {}
+        self.step = 0
+        self.pending = False
+        self.loader_driven = False
+        self.restore_done = False
+        self.suppress_scheduler = False
+        self.rng_to_restore: dict[str, Any] | None = None
+        self.resume_positions: list[data.Position] = []
+        self.force = False
+        self.last_control = 0.0
+        self.last_boundary: float | None = None
+        self.step_times: list[float] = []
+        self.stalls: list[float] = []
+        self.queue: queue.Queue[tuple[int, dict[str, Any], bool] | None] = queue.Queue()
+        self.writer = threading.Thread(target=self._write_loop, name="lattice-ckpt", daemon=True)
+        self.writer.start()
+
+    # identity ----------------------------------------------------------------------------
+    @staticmethod
+    def rank() -> int:
+        dist = _dist()
+        return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
+
+    @staticmethod
+    def world() -> int:
+        dist = _dist()
+        return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
+
+    @staticmethod
+    def local_rank() -> int:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+    # discovery ---------------------------------------------------------------------------
+    def _alive(self, refs: list[weakref.ref[Any]]) -> list[Any]:
+        return [obj for obj in (ref() for ref in refs) if obj is not None]
+
+    def models(self) -> list[nn.Module]:
+        """Top-level modules owning the optimizers' parameters (DDP/FSDP wrappers unwrapped)."""
+        order: dict[int, tuple[int, int]] = {}
+        for oi, opt in enumerate(self._alive(self.optimizers)):
+            pi = 0
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    order.setdefault(id(p), (oi, pi))
+                    pi += 1
+        if not order:
+            return []
+        owners = []
+        with warnings.catch_warnings():  # isinstance on deprecated lazy module attributes warns
+            warnings.simplefilter("ignore")
+            candidates = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+        for obj in candidates:
+            if type(obj).__name__ not in WRAPPERS:
+                keys = [order[id(p)] for p in obj.parameters() if id(p) in order]
+                if keys:
+                    owners.append((obj, min(keys)))
+        children = {id(c) for m, _ in owners for c in m.modules() if c is not m}
+        roots = [(m, k) for m, k in owners if id(m) not in children]
+        return [m for m, _ in sorted(roots, key=lambda mk: mk[1])]
+
+    def objects(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for i, m in enumerate(self.models()):
+            found[f"model.{i}"] = m
+        for kind, refs in (
+            ("optimizer", self.optimizers),
+            ("scheduler", self.schedulers),
+            ("scaler", self.scalers),
+        ):
+            for i, obj in enumerate(self._alive(refs)):
+                found[f"{kind}.{i}"] = obj
+        for name, obj in self.registered.items():
+            found[f"user.{name}"] = obj
+        return found
+
+    def tracks(self) -> list[tuple[DataLoader, data.LoaderTrack]]:
+        return [(ld, ld._lattice_track) for ld in self._alive(self.loaders)]  # type: ignore[attr-defined]
+
+    # step boundary -----------------------------------------------------------------------
+    def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        live = self._alive(self.optimizers)
+        if not live or live[0] is not optimizer:
+            return
+        self.step += 1
+        self.pending = True
+        if not self.loader_driven:
+            self.boundary()
+
+    def boundary(self) -> None:
+        """Called before each batch fetch: checkpoint / safe point for a step just finished."""
+        if not self.pending:
+            return
+        self.pending = False
+        now = time.perf_counter()
+        if self.last_boundary is not None:
+            self.step_times.append(now - self.last_boundary)
+        stop = self._safepoint_requested()
+        if stop:
+            self.snapshot(sync=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            _say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
+            os._exit(protocol.SAFEPOINT_EXIT)
+        if self.mode != "steps" and self.step == CALIBRATION_STEPS:
+            self._calibrate()
+        if self.force or self._due():
+            self.force = False
+            self.snapshot(sync=False)
+        self.last_boundary = time.perf_counter()
+
+    def _due(self) -> bool:
+        if self.mode != "steps" and self.step < CALIBRATION_STEPS:
+            return self.step == 1  # the first snapshot measures the stall for calibration
+        return self.step % self.interval == 0
+
+    def _calibrate(self) -> None:
+        times = self.step_times[1:] or self.step_times
+        step_s = sum(times) / len(times) if times else 1.0
+        if self.mode == "seconds":
+            interval = max(1, round(self.every / max(step_s, 1e-9)))
+        else:
+            stall = max(self.stalls) if self.stalls else 0.0
+            interval = max(1, math.ceil(stall / (OVERHEAD_TARGET * max(step_s, 1e-9))))
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            t = torch.tensor([interval], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            interval = int(t.item())
+        self.interval = interval
+        _say(f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms)")
+
+    def _safepoint_requested(self) -> bool:
+        if not self.control:
+            return False
+        local = 0
+        now = time.monotonic()
+        if now - self.last_control >= CONTROL_POLL_S:
+            self.last_control = now
+            try:
+                text = Path(self.control).read_text()
+            except OSError:
+                text = ""
+            local = int(protocol.CHECKPOINT_AND_EXIT in text)
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            flag = torch.tensor([local], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item())
+        return bool(local)
+
+    # snapshot ----------------------------------------------------------------------------
+    def snapshot(self, sync: bool) -> None:
+        t0 = time.perf_counter()
+        files: dict[str, Any] = {f"rng-{self.rank()}": {"rng": state.capture_rng()}}
+        if self.local_rank() == 0:
+            replicated: dict[str, Any] = {"step": self.step, "world": self.world()}
+            for name, obj in self.objects().items():
+                replicated[name] = state.detached_copy(obj.state_dict())
+            replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
+            files["state"] = replicated
+        self.stalls.append(time.perf_counter() - t0)
+        self.queue.put((self.step, files, self.local_rank() == 0))
+        if sync:
+            self.queue.join()
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                step, files, prune = item
+                folder = local_tier.step_dir(self.root, step)
+                for name, obj in files.items():
+                    local_tier.write_file(folder / f"{name}.pt", state.dumps(obj))
+                if prune:
+                    local_tier.prune(self.root, KEEP)
+            except Exception as exc:  # a failed write must not kill training
+                _say(f"checkpoint write failed: {exc!r}")
+            finally:
+                self.queue.task_done()
+
+    # restore -----------------------------------------------------------------------------
+    def _valid(self, step: int) -> dict[str, Any] | None:
+        folder = local_tier.step_dir(self.root, step)
+        try:
+            replicated = state.loads(local_tier.read_file(folder / "state.pt"))
+            rng_path = folder / f"rng-{self.rank()}.pt"
+            rng = None
+            if self.rank() < int(replicated["world"]) or rng_path.exists():
+                rng = state.loads(local_tier.read_file(rng_path))["rng"]
+        except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
+            _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
+            return None
+        return {"state": replicated, "rng": rng}
+
+    def restore(self) -> None:
+        """Load the newest checkpoint every rank has, once, before the first batch."""
+        self.restore_done = True
+        loaded: dict[int, dict[str, Any]] = {}
+        for step in local_tier.steps(self.root):
+            got = self._valid(step)
+            if got is not None:
+                loaded[step] = got
+        common = set(loaded)
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            everyone: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, sorted(loaded))
+            for steps in everyone:
+                common &= set(steps)
+        if not common:
+            if loaded:
+                _say("no checkpoint step is present on every rank; starting fresh")
+            return
+        step = max(common)
+        got = loaded[step]
+        replicated = got["state"]
+        for name, obj in self.objects().items():
+            if name in replicated:
+                obj.load_state_dict(replicated[name])
+        self.step = step
+        positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
+        self.resume_positions = positions
+        for _loader, tr in self.tracks():
+            if tr.index < len(positions):
+                tr.resume = positions[tr.index]
+        self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in positions)
+        self.rng_to_restore = got["rng"]
+        if not any(not p.done for p in positions) and got["rng"] is not None:
+            state.restore_rng(got["rng"])
+            self.rng_to_restore = None
+        if self.local_rank() == 0:
+            for newer in local_tier.steps(self.root):
+                if newer > step:
+                    local_tier.prune_step(self.root, newer)
+        _say(f"restored step {step} from {local_tier.step_dir(self.root, step)}")
+
+    # data loader -------------------------------------------------------------------------
+    def loader_iter(self, loader: DataLoader, original: Any) -> Any:
+        track: data.LoaderTrack | None = loader.__dict__.get("_lattice_track")
+        if track is None:
+            track = data.LoaderTrack(index=len(self.loaders))
+            loader._lattice_track = track  # type: ignore[attr-defined]
+            self.loaders.append(weakref.ref(loader))
+            resumes = self.resume_positions
+            if track.index < len(resumes):
+                track.resume = resumes[track.index]
+        if not self.restore_done:
+            self.restore()
+        pass_index = track.passes
+        track.passes += 1
+        track.yielded, track.base, track.done = 0, 0, False
+        resume = track.resume
+        resuming = False
+        resuming_pass = resume is not None and pass_index == resume.pass_index
+        if resume is not None:
+            if pass_index < resume.pass_index or (pass_index == resume.pass_index and resume.done):
+                track.done = True
+                if pass_index == resume.pass_index:
+                    track.resume = None
+                    self.suppress_scheduler = False
+                return iter(())
+            if pass_index == resume.pass_index:
+                track.resume = None
+                self.suppress_scheduler = False
+                resuming = data.arm_skip(loader, resume)
+                if resuming:
+                    track.base = resume.consumed
+                else:
+                    _say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
+        iterator = original(loader)
+        if resuming_pass and self.rng_to_restore is not None:
+            state.restore_rng(self.rng_to_restore)
+            self.rng_to_restore = None
+        return self._counting(iterator, track)
+
+    def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
+        while True:
+            self.boundary()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                track.done = True
+                return
+            track.yielded += 1
+            self.loader_driven = True
+            yield batch
+
+
+_RUNTIME: Runtime | None = None
+
+
+def current() -> Runtime | None:
+    return _RUNTIME
+
+
+def activate() -> Runtime | None:
+    """Patch torch for this process (idempotent); None when the environment says not to."""
+    global _RUNTIME
+    if _RUNTIME is not None:
+        return _RUNTIME
+    if not protocol.autopatch_enabled():
+        return None
+    job = os.environ[protocol.ENV_JOB]
+    default_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"lattice-{job}"
+    root = Path(os.environ.get(protocol.ENV_LOCAL_DIR) or default_root)
+    every = parse_every(os.environ.get(protocol.ENV_EVERY))
+    rt = Runtime(root, os.environ.get(protocol.ENV_CONTROL_FILE), every)
+    _RUNTIME = rt
+    _patch_torch(rt)
+    atexit.register(rt.queue.join)  # let in-flight writes finish when the script ends
+    return rt
+
+
+def _track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if not any(ref() is self for ref in refs):
+            refs.append(weakref.ref(self))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _patch_torch(rt: Runtime) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    _track_init(torch.optim.Optimizer, rt.optimizers)
+    _track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
+    _track_init(torch.amp.GradScaler, rt.scalers)
+    register_optimizer_step_post_hook(lambda opt, args, kwargs: rt.on_optimizer_step(opt))
+
+    sched_step = torch.optim.lr_scheduler.LRScheduler.step
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if rt.suppress_scheduler:
+            return None  # a fast-forwarded epoch: the restored scheduler already holds it
+        return sched_step(self, *args, **kwargs)
+
+    torch.optim.lr_scheduler.LRScheduler.step = step  # type: ignore[method-assign]
+
+    loader_iter = DataLoader.__iter__
+
+    def __iter__(self: DataLoader) -> Any:
+        return rt.loader_iter(self, loader_iter)
+
+    DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
+    data.patch_samplers()

@@ -1,0 +1,126 @@
+"""Launch zoo scripts as real training processes with the env the agent gives them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+ZOO = REPO / "examples" / "zoo"
+BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
+DEADLINE_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Run:
+    """The processes of one round (all ranks on this host)."""
+
+    def __init__(self, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+        self.procs = procs
+        self.logs = logs
+
+    def wait(self, timeout: float = DEADLINE_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        codes = []
+        for proc in self.procs:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        return codes
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
+    def output(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+class Launcher:
+    """Starts rounds; every process started is killed at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.runs: list[Run] = []
+        self.rounds = 0
+
+    def start(self, script: str, world: int, *, lattice: bool = True, **extra: str) -> Run:
+        self.rounds += 1
+        port = free_port()
+        procs, logs = [], []
+        for rank in range(world):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+            env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([str(BOOTSTRAP), str(REPO / "src")]),
+                ZOO_LOG=str(self.tmp / "ids"),
+            )
+            if lattice:
+                env.update(
+                    LATTICE_JOB="zoo",
+                    LATTICE_ROUND=str(self.rounds),
+                    LATTICE_LOCAL_CKPT_DIR=str(self.tmp / "local"),
+                    LATTICE_CONTROL_FILE=str(self.tmp / "control"),
+                )
+            env.update(extra)
+            log = self.tmp / f"round{self.rounds}-rank{rank}.log"
+            logs.append(log)
+            with open(log, "wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, str(ZOO / script)],
+                        env=env,
+                        cwd=str(self.tmp),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        run = Run(procs, logs)
+        self.runs.append(run)
+        return run
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.kill()
+
+
+def poll(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def id_lines(tmp: Path, rank: int = 0) -> list[str]:
+    path = tmp / f"ids.{rank}"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def params(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
