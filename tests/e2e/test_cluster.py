@@ -73,7 +73,7 @@ async def cluster() -> AsyncIterator[KubeApi]:
 
 
 def _example_job(namespace: str) -> dict[str, Any]:
-    job = yaml.safe_load((REPO / "deploy" / "examples" / "example-job.yaml").read_text())
+    job = yaml.safe_load((REPO / "examples" / "example-job.yaml").read_text())
     job["metadata"]["namespace"] = namespace
     container = job["spec"]["replicaSpecs"]["template"]["spec"]["containers"][0]
     container["image"] = IMAGE

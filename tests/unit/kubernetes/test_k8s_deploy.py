@@ -13,7 +13,6 @@ import click
 import pytest
 import yaml
 
-from lattice.api import load_documents
 from lattice.cli import _register_all, cli
 from lattice.operator.kubernetes.resources import LEASES, PERMISSIONS
 
@@ -224,7 +223,3 @@ def test_dockerfile_is_non_root_with_the_pinned_torch() -> None:
     ]
     assert ignore[0] == "*" and "!src/" in ignore
 
-
-def test_example_job_is_valid() -> None:
-    (job,) = load_documents((DEPLOY / "examples" / "example-job.yaml").read_text())
-    assert job.api_version == "exabits.ai/v1" and job.spec.max_size == 3
