@@ -1,0 +1,73 @@
+"""Kill -9 mid-epoch, restart: the final parameters are bitwise those of an uninterrupted run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
+
+from .harness import Launcher, bitwise_equal, id_lines, params, poll
+
+# script, world size, batches logged (by rank 0) before the kill
+CASES = [
+    ("train_epochs.py", 2, 8),  # epoch loop, set_epoch, per-epoch scheduler
+    ("train_accum.py", 2, 11),  # per-step scheduler, dropout, accumulation (odd → mid-window)
+    ("train_workers.py", 1, 17),  # num_workers=2, RandomSampler
+]
+
+
+def baseline(launcher: Launcher, script: str, world: int) -> Path:
+    out = launcher.tmp / "baseline.pt"
+    run = launcher.start(
+        script, world, lattice=False, ZOO_OUT=str(out), ZOO_LOG=str(launcher.tmp / "base")
+    )
+    assert run.wait() == [0] * world, run.output()
+    return out
+
+
+@pytest.mark.parametrize(("script", "world", "kill_after"), CASES)
+def test_kill_and_restart_is_bitwise_exact(
+    launcher: Launcher, script: str, world: int, kill_after: int
+) -> None:
+    expected = baseline(launcher, script, world)
+    out = launcher.tmp / "resumed.pt"
+    first = launcher.start(
+        script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
+    )
+    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
+    first.kill()
+    assert not out.exists(), "the first run finished before it was killed"
+    second = launcher.start(script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1")
+    assert second.wait() == [0] * world, second.output()
+    assert "restored step" in second.output()
+    assert bitwise_equal(params(expected), params(out))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_newest_checkpoint_falls_back_to_previous(launcher: Launcher, damage: str) -> None:
+    expected = baseline(launcher, "train_epochs.py", 2)
+    out = launcher.tmp / "resumed.pt"
+    first = launcher.start(
+        "train_epochs.py", 2, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
+    )
+    poll(lambda: len(id_lines(launcher.tmp)) >= 8, "training progress")
+    (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)  # stop with whole checkpoints
+    assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+    (launcher.tmp / "control").unlink()
+    steps = sorted((launcher.tmp / "local").glob("step-*"))
+    newest = steps[-1]
+    victim = newest / ("state.pt" if damage == "flip" else "rng-1.pt")
+    raw = bytearray(victim.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0xFF
+    else:
+        raw = raw[: len(raw) // 2]
+    victim.write_bytes(bytes(raw))
+    second = launcher.start("train_epochs.py", 2, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1")
+    assert second.wait() == [0, 0], second.output()
+    log = second.output()
+    assert f"checkpoint at step {int(newest.name[5:])} unusable" in log
+    assert f"restored step {int(steps[-2].name[5:])}" in log
+    assert bitwise_equal(params(expected), params(out))

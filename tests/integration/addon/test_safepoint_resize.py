@@ -1,0 +1,53 @@
+"""Safe points and resizes: 2 → 3 → 2 ranks mid-epoch, every sample exactly once per epoch."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
+
+from .harness import Launcher, id_lines, poll
+
+SAMPLES = 72  # batch 6: every prefix consumed at world 2 or 3 leaves a remainder that splits evenly
+ENV = {"ZOO_SAMPLES": str(SAMPLES), "ZOO_BATCH": "6", "ZOO_STEP_SLEEP": "0.15"}
+
+
+def consumed_per_epoch(tmp: Path) -> dict[int, Counter[int]]:
+    seen: dict[int, Counter[int]] = {}
+    for log in tmp.glob("ids.*"):
+        for line in log.read_text().splitlines():
+            epoch, *ids = (int(v) for v in line.split())
+            seen.setdefault(epoch, Counter()).update(ids)
+    return seen
+
+
+def safepoint(launcher: Launcher, run_world: int, after: int) -> int:
+    """Ask the running round for a safe point once rank 0 logged ``after`` batches."""
+    run = launcher.runs[-1]
+    poll(lambda: len(id_lines(launcher.tmp)) >= after, "training progress")
+    control = launcher.tmp / "control"
+    control.write_text(CHECKPOINT_AND_EXIT)
+    codes = run.wait()
+    control.unlink()
+    assert codes == [SAFEPOINT_EXIT] * run_world, run.output()
+    return len(id_lines(launcher.tmp))
+
+
+def test_resize_two_three_two_consumes_every_sample_once(launcher: Launcher) -> None:
+    out = launcher.tmp / "final.pt"
+    launcher.start("train_epochs.py", 2, ZOO_OUT=str(out), **ENV)
+    steps_before = safepoint(launcher, 2, after=3)  # mid-epoch 0 (6 batches per epoch)
+    second = launcher.start("train_epochs.py", 3, ZOO_OUT=str(out), **ENV)
+    poll(lambda: "restored step" in second.output(), "restore at world 3")
+    assert f"restored step {steps_before}" in second.output()  # the safe point lost no step
+    safepoint(launcher, 3, after=steps_before + 5)  # mid-epoch 1
+    third = launcher.start("train_epochs.py", 2, ZOO_OUT=str(out), **ENV)
+    assert third.wait() == [0, 0], third.output()
+    assert out.exists()
+    seen = consumed_per_epoch(launcher.tmp)
+    assert sorted(seen) == [0, 1, 2]
+    for epoch, counts in seen.items():
+        assert counts == Counter(range(SAMPLES)), f"epoch {epoch}: {counts}"
+    assert re.search(r"restored step \d+", third.output())
