@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lattice.addon import data, local_tier, protocol, state
+from lattice.addon import data, local_tier, protocol, service_tier, state
 
 log = logging.getLogger("lattice.addon")
 
@@ -91,7 +91,8 @@ class Runtime:
         self.last_boundary: float | None = None
         self.step_times: list[float] = []
         self.stalls: list[float] = []
-        self.queue: queue.Queue[tuple[int, dict[str, Any], bool] | None] = queue.Queue()
+        self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue()
+        self.service = service_tier.ServiceTier.from_env()
         self.writer = threading.Thread(target=self._write_loop, name="lattice-ckpt", daemon=True)
         self.writer.start()
 
@@ -231,7 +232,15 @@ class Runtime:
     # snapshot ----------------------------------------------------------------------------
     def snapshot(self, sync: bool) -> None:
         t0 = time.perf_counter()
-        files: dict[str, Any] = {f"rng-{self.rank()}": {"rng": state.capture_rng()}}
+        rng = state.capture_rng()
+        files: dict[str, Any] = {f"rng-{self.rank()}": {"rng": rng}}
+        upload: list[Any] | None = None
+        if self.service is not None:
+            upload = [rng]
+            dist = _dist()
+            if dist is not None and dist.get_world_size() > 1:
+                upload = [None] * dist.get_world_size()
+                dist.all_gather_object(upload, rng)
         if self.local_rank() == 0:
             replicated: dict[str, Any] = {"step": self.step, "world": self.world()}
             for name, obj in self.objects().items():
@@ -239,7 +248,9 @@ class Runtime:
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             files["state"] = replicated
         self.stalls.append(time.perf_counter() - t0)
-        self.queue.put((self.step, files, self.local_rank() == 0))
+        if self.rank() != 0:
+            upload = None
+        self.queue.put((self.step, files, upload))
         if sync:
             self.queue.join()
 
@@ -247,14 +258,14 @@ class Runtime:
         while True:
             item = self.queue.get()
             try:
-                if item is None:
-                    return
-                step, files, prune = item
+                step, files, upload = item
                 folder = local_tier.step_dir(self.root, step)
                 for name, obj in files.items():
                     local_tier.write_file(folder / f"{name}.pt", state.dumps(obj))
-                if prune:
+                if "state" in files:
                     local_tier.prune(self.root, KEEP)
+                if upload is not None and self.service is not None:
+                    self.service.upload(step, files["state"], upload)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
             finally:
@@ -289,12 +300,21 @@ class Runtime:
             dist.all_gather_object(everyone, sorted(loaded))
             for steps in everyone:
                 common &= set(steps)
-        if not common:
-            if loaded:
-                _say("no checkpoint step is present on every rank; starting fresh")
+        step = max(common) if common else None
+        if loaded and step is None:
+            _say("no node-local checkpoint step is present on every rank")
+        remote = self._service_step(dist)
+        if remote is not None and (step is None or remote > step):
+            got = self._download()
+            if got is None:
+                return
+            step = int(got["state"]["step"])
+            origin = "the checkpoint service"
+        elif step is not None:
+            got = loaded[step]
+            origin = str(local_tier.step_dir(self.root, step))
+        else:
             return
-        step = max(common)
-        got = loaded[step]
         replicated = got["state"]
         for name, obj in self.objects().items():
             if name in replicated:
@@ -314,7 +334,31 @@ class Runtime:
             for newer in local_tier.steps(self.root):
                 if newer > step:
                     local_tier.prune_step(self.root, newer)
-        _say(f"restored step {step} from {local_tier.step_dir(self.root, step)}")
+        _say(f"restored step {step} from {origin}")
+
+    def _service_step(self, dist: Any) -> int | None:
+        """The service's newest step as rank 0 sees it, the same on every rank."""
+        if self.service is None:
+            return None
+        remote = None
+        if self.rank() == 0:
+            try:
+                remote = self.service.latest_step()
+            except Exception as exc:
+                _say(f"checkpoint service not usable for restore: {exc}")
+        if dist is not None and dist.get_world_size() > 1:
+            box = [remote]
+            dist.broadcast_object_list(box, src=0)
+            remote = box[0]
+        return remote
+
+    def _download(self) -> dict[str, Any] | None:
+        assert self.service is not None
+        got = self.service.download(self.rank())
+        if got is None:
+            return None
+        _step, replicated, rng = got
+        return {"state": replicated, "rng": rng}
 
     # data loader -------------------------------------------------------------------------
     def loader_iter(self, loader: DataLoader, original: Any) -> Any:

@@ -1,0 +1,45 @@
+"""Service tier: a restart on a node with an empty local tier restores from the service."""
+
+from __future__ import annotations
+
+import shutil
+
+from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
+from lattice.checkpoint.client import CheckpointClient
+from lattice.checkpoint.server import create_app
+from lattice.common.auth import job_token
+from lattice.common.http import BackgroundService
+
+from .harness import Launcher, bitwise_equal, id_lines, params, poll
+from .test_restore_exact import baseline
+
+ADMIN = "admin-secret-for-addon-tests"
+
+
+def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> None:
+    expected = baseline(launcher, "train_epochs.py", 2)
+    svc = BackgroundService(lambda: create_app(ADMIN, str(launcher.tmp / "store"), keep=3))
+    svc.start()
+    try:
+        token = job_token(ADMIN, "zoo")
+        env = {
+            "LATTICE_CHECKPOINT_ENDPOINT": svc.endpoint,
+            "LATTICE_TOKEN": token,
+            "LATTICE_CHECKPOINT_EVERY": "2",
+            "ZOO_OUT": str(launcher.tmp / "resumed.pt"),
+        }
+        first = launcher.start("train_epochs.py", 2, ZOO_STEP_SLEEP="0.1", **env)
+        poll(lambda: len(id_lines(launcher.tmp)) >= 7, "training progress")
+        (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+        assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+        (launcher.tmp / "control").unlink()
+        with CheckpointClient(svc.endpoint, "zoo", token) as client:
+            latest = client.latest_good()
+        assert latest is not None and latest.step == len(id_lines(launcher.tmp))
+        shutil.rmtree(launcher.tmp / "local")  # a new node: nothing in its local tier
+        second = launcher.start("train_epochs.py", 2, **env)
+        assert second.wait() == [0, 0], second.output()
+        assert f"restored step {latest.step} from the checkpoint service" in second.output()
+        assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
+    finally:
+        svc.stop()
