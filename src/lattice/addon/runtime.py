@@ -91,6 +91,7 @@ class Runtime:
         self.last_boundary: float | None = None
         self.step_times: list[float] = []
         self.stalls: list[float] = []
+        self.write_s: list[float] = []
         self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue()
         self.service = service_tier.ServiceTier.from_env()
         self.writer = threading.Thread(target=self._write_loop, name="lattice-ckpt", daemon=True)
@@ -200,7 +201,9 @@ class Runtime:
         if self.mode == "seconds":
             interval = max(1, round(self.every / max(step_s, 1e-9)))
         else:
-            stall = max(self.stalls) if self.stalls else 0.0
+            # The background write competes for the same cores (CPU training), so it counts too.
+            self.queue.join()
+            stall = max(self.stalls, default=0.0) + max(self.write_s, default=0.0)
             interval = max(1, math.ceil(stall / (OVERHEAD_TARGET * max(step_s, 1e-9))))
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
@@ -259,6 +262,7 @@ class Runtime:
             item = self.queue.get()
             try:
                 step, files, upload = item
+                t0 = time.perf_counter()
                 folder = local_tier.step_dir(self.root, step)
                 for name, obj in files.items():
                     local_tier.write_file(folder / f"{name}.pt", state.dumps(obj))
@@ -266,6 +270,7 @@ class Runtime:
                     local_tier.prune(self.root, KEEP)
                 if upload is not None and self.service is not None:
                     self.service.upload(step, files["state"], upload)
+                self.write_s.append(time.perf_counter() - t0)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
             finally:

@@ -1,0 +1,134 @@
+"""Checkpoint overhead of the addon: steps/s with vs without it, stall per checkpoint, restore time.
+
+Trains a >= 50M-parameter MLP with Adam on CPU twice in the same invocation (subprocesses: plain,
+then with the addon under its default policy), then restores the addon's last checkpoint and
+compares with ``torch.load`` of the same state from a local file.
+
+    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick]
+
+Prints one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
+
+
+def train(steps: int, warmup: int, width: int, depth: int) -> None:
+    """One arm (runs in a subprocess): prints a JSON line with its figures."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = TensorDataset(torch.randn(steps * 8, width))
+    loader = DataLoader(data, batch_size=8)
+    t_start = 0.0
+    for i, (x,) in enumerate(loader):
+        if i == warmup:
+            t_start = time.perf_counter()
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    elapsed = time.perf_counter() - t_start
+    out = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps_per_s": (steps - warmup) / elapsed,
+    }
+    from lattice.addon import runtime
+
+    rt = runtime.current()
+    if rt is not None:
+        rt.queue.join()
+        out.update(
+            interval_steps=rt.interval,
+            checkpoints=len(rt.stalls),
+            stall_s_mean=sum(rt.stalls) / len(rt.stalls),
+            stall_s_max=max(rt.stalls),
+            **restore_times(rt, model, opt),
+        )
+    print(json.dumps(out), flush=True)
+
+
+def restore_times(rt: object, model: object, opt: object) -> dict[str, float]:
+    """Addon restore (read + verify + load_state_dict) vs torch.load of the same state."""
+    import torch
+
+    from lattice.addon import local_tier
+
+    step = local_tier.steps(rt.root)[0]  # type: ignore[attr-defined]
+    t0 = time.perf_counter()
+    got = rt._valid(step)  # type: ignore[attr-defined]
+    model.load_state_dict(got["state"]["model.0"])  # type: ignore[attr-defined]
+    opt.load_state_dict(got["state"]["optimizer.0"])  # type: ignore[attr-defined]
+    addon_s = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.pt"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        raw = torch.load(path, weights_only=True)
+        model.load_state_dict(raw["model"])  # type: ignore[attr-defined]
+        opt.load_state_dict(raw["opt"])  # type: ignore[attr-defined]
+        plain_s = time.perf_counter() - t0
+    return {"restore_s_addon": addon_s, "restore_s_torch_load": plain_s}
+
+
+def arm(args: argparse.Namespace, addon: bool, tmp: Path) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
+    env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
+    if addon:
+        env.update(
+            LATTICE_JOB="bench",
+            LATTICE_LOCAL_CKPT_DIR=str(tmp / "local"),
+            PYTHONPATH=os.pathsep.join([str(BOOTSTRAP), str(REPO / "src")]),
+        )
+    cmd = [sys.executable, __file__, "--arm", str(args.steps), str(args.warmup)]
+    cmd += [str(args.width), str(args.depth)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
+    sys.stderr.write(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--arm", nargs=4, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.arm:
+        train(*args.arm)
+        return
+    args.width, args.depth = 2048, 12  # 50.3M parameters
+    args.steps, args.warmup = (40, 5) if args.quick else (200, 10)
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d:
+        plain = arm(args, addon=False, tmp=Path(d))
+        with_addon = arm(args, addon=True, tmp=Path(d))
+    result = {
+        "benchmark": "checkpoint_overhead",
+        "quick": args.quick,
+        "params": plain["params"],
+        "steps": args.steps,
+        "steps_per_s_without": round(plain["steps_per_s"], 3),
+        "steps_per_s_with_addon": round(with_addon["steps_per_s"], 3),
+        "overhead_pct": round(100 * (1 - with_addon["steps_per_s"] / plain["steps_per_s"]), 2),
+        **{k: round(v, 4) for k, v in with_addon.items() if k not in ("params", "steps_per_s")},
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
