@@ -40,8 +40,10 @@ def write_file(path: Path, payload: bytes) -> None:
 
 def read_file(path: Path) -> bytes:
     """The payload of a checkpoint file; raises `CorruptFile` if the checksum does not match."""
-    raw = path.read_bytes()
-    head, sep, payload = raw.partition(b"\n")
+    with open(path, "rb") as fh:  # header and payload read separately: no 2nd copy of the payload
+        head = fh.readline()
+        payload = fh.read()
+    sep, head = head[-1:] == b"\n", head[:-1]
     if not sep or len(head) != 64:
         raise CorruptFile(f"{path}: no checksum header (truncated?)")
     if hashlib.sha256(payload).hexdigest().encode() != head:

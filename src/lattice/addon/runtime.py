@@ -293,21 +293,8 @@ class Runtime:
     def restore(self) -> None:
         """Load the newest checkpoint every rank has, once, before the first batch."""
         self.restore_done = True
-        loaded: dict[int, dict[str, Any]] = {}
-        for step in local_tier.steps(self.root):
-            got = self._valid(step)
-            if got is not None:
-                loaded[step] = got
-        common = set(loaded)
         dist = _dist()
-        if dist is not None and dist.get_world_size() > 1:
-            everyone: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, sorted(loaded))
-            for steps in everyone:
-                common &= set(steps)
-        step = max(common) if common else None
-        if loaded and step is None:
-            _say("no node-local checkpoint step is present on every rank")
+        step, local = self._agree_local(dist)
         remote = self._service_step(dist)
         if remote is not None and (step is None or remote > step):
             got = self._download()
@@ -315,8 +302,8 @@ class Runtime:
                 return
             step = int(got["state"]["step"])
             origin = "the checkpoint service"
-        elif step is not None:
-            got = loaded[step]
+        elif step is not None and local is not None:
+            got = local
             origin = str(local_tier.step_dir(self.root, step))
         else:
             return
@@ -340,6 +327,35 @@ class Runtime:
                 if newer > step:
                     local_tier.prune_step(self.root, newer)
         _say(f"restored step {step} from {origin}")
+
+    def _agree_local(self, dist: Any) -> tuple[int | None, dict[str, Any] | None]:
+        """The newest local step whose files verify on every rank, and this rank's copy of it.
+
+        Newest first, one step at a time (a 600 MB state is read once, not once per kept step);
+        the ranks drop a step together when any of them cannot use it.
+        """
+        candidates = set(local_tier.steps(self.root))
+        distributed = dist is not None and dist.get_world_size() > 1
+        while True:
+            common = set(candidates)
+            if distributed:
+                everyone: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(everyone, sorted(candidates))
+                for steps in everyone:
+                    common &= set(steps)
+            if not common:
+                if candidates:
+                    _say("no node-local checkpoint step is usable on every rank")
+                return None, None
+            step = max(common)
+            got = self._valid(step)
+            usable = [got is not None]
+            if distributed:
+                usable = [None] * dist.get_world_size()
+                dist.all_gather_object(usable, got is not None)
+            if all(usable):
+                return step, got
+            candidates.discard(step)
 
     def _service_step(self, dist: Any) -> int | None:
         """The service's newest step as rank 0 sees it, the same on every rank."""
