@@ -39,6 +39,9 @@ def train(steps: int, warmup: int, width: int, depth: int) -> None:
     for i, (x,) in enumerate(loader):
         if i == warmup:
             t_start = time.perf_counter()
+            from lattice.addon import runtime
+
+            before = len(runtime.current().stalls) if runtime.current() else 0
         loss = model(x).square().mean()
         opt.zero_grad()
         loss.backward()
@@ -53,9 +56,13 @@ def train(steps: int, warmup: int, width: int, depth: int) -> None:
     rt = runtime.current()
     if rt is not None:
         rt.queue.join()
+        step_s = elapsed / (steps - warmup)
+        cost = max(rt.stalls) + max(rt.write_s)
         out.update(
             interval_steps=rt.interval,
-            checkpoints=len(rt.stalls),
+            checkpoints_in_window=len(rt.stalls) - before,
+            write_s_mean=sum(rt.write_s) / len(rt.write_s),
+            policy_overhead_pct=100 * cost / (rt.interval * step_s),
             stall_s_mean=sum(rt.stalls) / len(rt.stalls),
             stall_s_max=max(rt.stalls),
             **restore_times(rt, model, opt),
@@ -113,10 +120,13 @@ def main() -> None:
         train(*args.arm)
         return
     args.width, args.depth = 2048, 12  # 50.3M parameters
-    args.steps, args.warmup = (40, 5) if args.quick else (200, 10)
+    args.steps, args.warmup = (30, 8) if args.quick else (300, 8)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d:
-        plain = arm(args, addon=False, tmp=Path(d))
+        # plain, addon, plain: the machine may be shared, the better plain figure is the baseline
+        first = arm(args, addon=False, tmp=Path(d))
         with_addon = arm(args, addon=True, tmp=Path(d))
+        again = arm(args, addon=False, tmp=Path(d))
+        plain = max(first, again, key=lambda r: r["steps_per_s"])
     result = {
         "benchmark": "checkpoint_overhead",
         "quick": args.quick,

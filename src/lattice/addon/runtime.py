@@ -183,6 +183,11 @@ class Runtime:
             sys.stderr.flush()
             _say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
             os._exit(protocol.SAFEPOINT_EXIT)
+        if self.mode != "steps" and self.step == 2:
+            # Step times for calibration are taken with no write in flight (on CPU the writer
+            # competes for the cores): wait once for the step-1 snapshot's write.
+            self.queue.join()
+            self.step_times.clear()
         if self.mode != "steps" and self.step == CALIBRATION_STEPS:
             self._calibrate()
         if self.force or self._due():
@@ -196,13 +201,12 @@ class Runtime:
         return self.step % self.interval == 0
 
     def _calibrate(self) -> None:
-        times = self.step_times[1:] or self.step_times
+        times = self.step_times
         step_s = sum(times) / len(times) if times else 1.0
         if self.mode == "seconds":
             interval = max(1, round(self.every / max(step_s, 1e-9)))
         else:
             # The background write competes for the same cores (CPU training), so it counts too.
-            self.queue.join()
             stall = max(self.stalls, default=0.0) + max(self.write_s, default=0.0)
             interval = max(1, math.ceil(stall / (OVERHEAD_TARGET * max(step_s, 1e-9))))
         dist = _dist()
