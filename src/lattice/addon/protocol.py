@@ -1,31 +1,35 @@
-"""The addon's side of the agent ↔ addon contract (docs/architecture.md §8).
+"""The addon's side of the contracts with the agent (docs/architecture.md §8).
 
-This module is the single definition; `lattice.agent.protocol` imports it.
+The agent imports ``SAFEPOINT_EXIT`` from here, so the two sides cannot drift.
 """
 
 from __future__ import annotations
 
-SAFEPOINT_EXIT = 83
-"""Exit code of a training process that checkpointed at a safe point on request."""
-
-CHECKPOINT_AND_EXIT = "checkpoint-and-exit"
-"""What the agent writes into ``LATTICE_CONTROL_FILE`` to ask for a safe point."""
+SAFEPOINT_EXIT = 83  # exit code: "checkpoint committed at a safe point, as you asked"
+CHECKPOINT_AND_EXIT = "checkpoint-and-exit"  # what the agent writes into LATTICE_CONTROL_FILE
 
 ENV_JOB = "LATTICE_JOB"
-ENV_AUTOPATCH = "LATTICE_AUTOPATCH"
+ENV_ROUND = "LATTICE_ROUND"
+ENV_TOKEN = "LATTICE_TOKEN"
+ENV_ENDPOINT = "LATTICE_CHECKPOINT_ENDPOINT"
 ENV_LOCAL_DIR = "LATTICE_LOCAL_CKPT_DIR"
 ENV_CONTROL_FILE = "LATTICE_CONTROL_FILE"
+ENV_AUTOPATCH = "LATTICE_AUTOPATCH"
 ENV_EVERY = "LATTICE_CHECKPOINT_EVERY"
-ENV_ENDPOINT = "LATTICE_CHECKPOINT_ENDPOINT"
-ENV_TOKEN = "LATTICE_TOKEN"
+ENV_KEEP = "LATTICE_CHECKPOINT_KEEP"
+ENV_LOG = "LATTICE_ADDON_LOG"  # log level of the addon's own lines (default INFO)
 
-
-def autopatch_enabled(env: dict[str, str] | None = None) -> bool:
-    """True when the addon should activate: a Lattice job, and autopatch not set to ``none``."""
-    import os
-
-    env = dict(os.environ) if env is None else env
-    if not env.get(ENV_JOB):
-        return False
-    setting = env.get(ENV_AUTOPATCH, "torch,transformers").strip().lower()
-    return "torch" in {part.strip() for part in setting.split(",")}
+__all__ = [
+    "CHECKPOINT_AND_EXIT",
+    "ENV_AUTOPATCH",
+    "ENV_CONTROL_FILE",
+    "ENV_ENDPOINT",
+    "ENV_EVERY",
+    "ENV_JOB",
+    "ENV_KEEP",
+    "ENV_LOCAL_DIR",
+    "ENV_LOG",
+    "ENV_ROUND",
+    "ENV_TOKEN",
+    "SAFEPOINT_EXIT",
+]

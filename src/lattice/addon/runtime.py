@@ -79,6 +79,7 @@ class Runtime:
         self.scalers: list[weakref.ref[Any]] = []
         self.loaders: list[weakref.ref[DataLoader]] = []
         self.registered: dict[str, Any] = {}
+        self._models_cache: tuple[tuple[int, ...], list[weakref.ref[nn.Module]]] | None = None
         self.step = 0
         self.pending = False
         self.loader_driven = False
@@ -117,7 +118,21 @@ class Runtime:
         return [obj for obj in (ref() for ref in refs) if obj is not None]
 
     def models(self) -> list[nn.Module]:
-        """Top-level modules owning the optimizers' parameters (DDP/FSDP wrappers unwrapped)."""
+        """Top-level modules owning the optimizers' parameters (DDP/FSDP wrappers unwrapped).
+
+        Found by a `gc` scan, cached until the set of optimizers changes.
+        """
+        key = tuple(id(opt) for opt in self._alive(self.optimizers))
+        cached = self._models_cache
+        if cached is not None and cached[0] == key:
+            found = [ref() for ref in cached[1]]
+            if all(m is not None for m in found):
+                return found  # type: ignore[return-value]
+        models = self._find_models()
+        self._models_cache = (key, [weakref.ref(m) for m in models])
+        return models
+
+    def _find_models(self) -> list[nn.Module]:
         order: dict[int, tuple[int, int]] = {}
         for oi, opt in enumerate(self._alive(self.optimizers)):
             pi = 0
