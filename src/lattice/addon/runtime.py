@@ -47,6 +47,14 @@ def _dist() -> Any:
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def autopatch_enabled(env: dict[str, str]) -> bool:
+    """True when the addon should activate: a Lattice job, and autopatch not set to ``none``."""
+    if not env.get(protocol.ENV_JOB):
+        return False
+    setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
+    return "torch" in {part.strip() for part in setting.split(",")}
+
+
 def parse_every(raw: str | None) -> tuple[str, float]:
     """``N`` → ("steps", N); ``Ns`` → ("seconds", N); unset → ("auto", 0)."""
     if not raw:
@@ -464,7 +472,7 @@ def activate() -> Runtime | None:
     global _RUNTIME
     if _RUNTIME is not None:
         return _RUNTIME
-    if not protocol.autopatch_enabled():
+    if not autopatch_enabled(dict(os.environ)):
         return None
     job = os.environ[protocol.ENV_JOB]
     default_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"lattice-{job}"

@@ -53,7 +53,7 @@ def test_resplit_covers_the_remainder_exactly_once(old: int, new: int, consumed:
 
 
 def test_autopatch_switch() -> None:
-    assert not protocol.autopatch_enabled({})
-    assert not protocol.autopatch_enabled({"LATTICE_JOB": "j", "LATTICE_AUTOPATCH": "none"})
-    assert protocol.autopatch_enabled({"LATTICE_JOB": "j"})
+    assert not runtime.autopatch_enabled({})
+    assert not runtime.autopatch_enabled({"LATTICE_JOB": "j", "LATTICE_AUTOPATCH": "none"})
+    assert runtime.autopatch_enabled({"LATTICE_JOB": "j"})
     assert protocol.SAFEPOINT_EXIT == 83
