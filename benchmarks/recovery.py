@@ -9,7 +9,8 @@ Scenarios:
   worker_kill_elastic  kill -9 one worker, --nnodes 1:3
   worker_kill_fixed    kill -9 one worker, --nnodes 2:2
   node_loss            kill -9 an agent and its workers (--nnodes 1:3; the group shrinks to 1)
-  scale_up             a third agent starts (--nnodes 1:3; the group grows to 3)
+  scale_up             a third agent starts (--nnodes 1:3; the group grows to 3); seconds
+                       counts from its launch, `pause_s` is the training pause it causes
   rdzv_loss            the rendezvous service is killed -9 and restarted on the same port:
                        recovered = steps keep coming; `restarted` says if a new group formed
 
@@ -143,8 +144,7 @@ class Cluster:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--token",
-                self.token,
+                f"--token={self.token}",  # a token may start with '-'
             ]
         out = (self.workdir / "service.log").open("ab")
         self.service = subprocess.Popen(
@@ -196,7 +196,7 @@ class Cluster:
                 *script,
             ]
         else:
-            cmd = [PYTHON, "-m", "lattice", "run", *common, "--token", self.token, *script]
+            cmd = [PYTHON, "-m", "lattice", "run", *common, f"--token={self.token}", *script]
             env["LATTICE_NODE_ID"] = name
         out = self.workdir / f"agent-{name}.log"
         proc = subprocess.Popen(
@@ -316,9 +316,11 @@ def run_trial(
                 ),
                 key=lambda s: s.t,
             )
+            last_old = max(s.t for s in cluster.steps() if s.pid in before)
             return {
                 "recovered": True,
                 "seconds": round(first.t - fault, 3),
+                "pause_s": round(first.t - last_old, 3),  # no step completed in between
                 "restart_count": first.restart,
                 "round": first.round,
             }
@@ -349,6 +351,11 @@ def _rdzv_loss_result(
     }
 
 
+def _median(values: list[object]) -> float | None:
+    nums = [float(v) for v in values if isinstance(v, int | float)]
+    return round(statistics.median(nums), 3) if nums else None
+
+
 def summarise(trials: list[dict[str, object]], bound: float) -> dict[str, object]:
     times = [float(t["seconds"]) for t in trials if t.get("recovered")]  # type: ignore[arg-type]
     out: dict[str, object] = {
@@ -356,6 +363,7 @@ def summarise(trials: list[dict[str, object]], bound: float) -> dict[str, object
         "never_recovered": sum(1 for t in trials if not t.get("recovered")),
         "median_s": round(statistics.median(times), 3) if times else None,
         "max_s": round(max(times), 3) if times else None,
+        "median_pause_s": _median([t.get("pause_s") for t in trials]),
         "bound_s": bound,
         "runs": trials,
     }

@@ -1,7 +1,9 @@
 """The standby interpreter: imports torch ahead of time, then becomes a worker on request.
 
-Started by the agent as ``python -u -c "...main()" MODULE...`` with the worker's fixed
-environment (minus the addon bootstrap). It imports the listed modules, then blocks on one JSON
+Started by the agent as ``python -u .../_standby.py READY_FD IDLE MODULE...`` with the worker's
+fixed environment (minus the addon bootstrap). It imports the listed modules (at idle priority
+if IDLE is 1), says so by writing to READY_FD (then closed: the worker inherits no extra
+descriptor), then blocks on one JSON
 line on stdin: ``{"env", "argv", "orig_argv", "cwd", "mode", "target", "path0", "bootstrap"}``.
 It then makes itself look like the fresh process the agent would have started — same
 ``os.environ``, ``sys.argv``, cwd, ``sys.path``, stdin on /dev/null, the addon's
@@ -63,9 +65,9 @@ def _become(msg: dict) -> None:
     os.environ.update(env)
     sys.argv = list(msg["argv"])
     sys.orig_argv = list(msg["orig_argv"])
-    rest = sys.path[1:]  # sys.path[0] is '' for -c; a fresh process has the script's dir
+    first = [] if sys.flags.safe_path else [msg["path0"]]  # the script's dir (or cwd for -m)
     bootstrap = msg.get("bootstrap")
-    sys.path[:] = [msg["path0"], *([bootstrap] if bootstrap else []), *rest]
+    sys.path[:] = [*first, *([bootstrap] if bootstrap else []), *sys.path]
     if bootstrap:
         sys.modules.pop("sitecustomize", None)
         site.execsitecustomize()
@@ -100,8 +102,19 @@ def _run_script(path: str) -> None:
         sys.exit(1)
 
 
+def _say_ready(fd: int) -> None:
+    try:  # noqa: SIM105 - no contextlib: the worker's modules stay as a fresh one's
+        os.write(fd, b"r")
+    except OSError:
+        pass  # the agent stopped listening
+    os.close(fd)
+
+
 def main() -> None:
-    idle = _background_priority()
+    if not sys.flags.safe_path:
+        del sys.path[0]  # this file's directory: it must not shadow what the worker imports
+    ready_fd, want_idle, modules = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:]
+    idle = _background_priority() if want_idle else False
     import threading
 
     main_thread = threading.get_native_id()
@@ -116,7 +129,8 @@ def main() -> None:
 
     reader = threading.Thread(target=read, name="lattice-standby", daemon=True)
     reader.start()
-    _prewarm(sys.argv[1:])
+    _prewarm(modules)
+    _say_ready(ready_fd)
     reader.join()
     line = message[0]
     if not line.strip():
@@ -127,3 +141,7 @@ def main() -> None:
         runpy._run_module_as_main(msg["target"], alter_argv=True)  # what `python -m` does
     else:
         _run_script(os.path.abspath(msg["target"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -31,7 +31,7 @@ from lattice.agent.env import (
     node_env,
     round_env,
 )
-from lattice.agent.failures import FailureLedger
+from lattice.agent.failures import KEY_PREFIX, FailureLedger
 from lattice.agent.options import RunOptions
 from lattice.agent.output import Sink, drain_all
 from lattice.agent.ports import PortReservation
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("lattice.agent")
 
 STANDBY_DELAY_S = 3.0  # start next round's standbys this long after a round's workers
+STARTUP_WARM_S = 60.0  # at most this long warming standbys before the first join
 END_AFTER_REPORT_S = 15.0  # after reporting a failure, wait this long for the pushed round end
 
 
@@ -117,6 +118,9 @@ class Agent:
                 unreachable_after=self.opts.tuning.unreachable_after_s,
             )
             self._prepare(token)
+            if not await self._warm_up(client):
+                await self._leave(client)
+                return 128 + (self._stop_signal or signal.SIGTERM)
             return await self._rounds(client, endpoint)
         finally:
             await self._shutdown(client, embedded)
@@ -150,8 +154,39 @@ class Agent:
             ckpt.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{opts.job}-"))
         if opts.tuning.prewarm and self.program.mode != "exec":
-            # The first round starts fresh; standbys are made once its workers are under way.
             self._pool = StandbyPool(self.program, self._node_envs, self._bootstrap, self._sinks)
+
+    async def _warm_up(self, client: RendezvousClient) -> bool:
+        """Import torch in this node's standbys before joining; False if stopped meanwhile.
+
+        A node joining a running job ends its round (a resize): joining only once warm keeps
+        the others' pause short. Bounded: a slow import only means joining with cold standbys.
+        Meanwhile one request checks the service answers and takes the token, so a wrong
+        endpoint or token fails at once rather than after the warm-up.
+        """
+        assert self._stop is not None
+        check = asyncio.ensure_future(client.kv_get(KEY_PREFIX + self.opts.node_id))
+        if self._pool is None:
+            await check
+            return True
+        started = time.monotonic()
+        await self._pool.fill(idle=False)
+        warm = asyncio.ensure_future(self._pool.wait_warm(STARTUP_WARM_S))
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            pending = {warm, stop, check}
+            while warm in pending and stop in pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if check in done:
+                    check.result()  # raises RendezvousUnreachable / RendezvousAuthError
+            if stop.done():
+                return False
+            await check
+        finally:
+            for task in (warm, stop, check):
+                task.cancel()
+        log.info("standby interpreters warm in %.1f s", time.monotonic() - started)
+        return True
 
     def _sinks(self, local_rank: int) -> tuple[Sink, Sink]:
         shown = self.opts.local_ranks_filter is None or local_rank in self.opts.local_ranks_filter
@@ -285,7 +320,7 @@ class Agent:
         try:
             self._workers = await self._launch(place)
             log.info(
-                "round %d: ranks %d-%d of %d on %d node(s), master %s:%d",
+                "round %d: ranks %d-%d of %d on %d node(s), master %s:%d, pids %s",
                 gen,
                 place.rank_offset,
                 place.rank_offset + opts.nproc - 1,
@@ -293,6 +328,7 @@ class Agent:
                 place.group_world_size,
                 master_addr,
                 master_port,
+                ",".join(str(w.pid) for w in self._workers),
             )
             return await self._supervise(client, gen, control, end_task)
         finally:
@@ -349,30 +385,32 @@ class Agent:
                 if stop in done:
                     await self._stop_for_signal(client, control)
                     return Outcome("stopped")
-                if end_task in done:
-                    end = end_task.result()
-                    safe = control if end.graceful and self._bootstrap is not None else None
-                    await self._stop_workers(safe)
-                    return Outcome("ended", end)
-                if not done:
-                    detail = (
-                        f"workers on node {self.opts.node_id} stopped at a safe point but the "
-                        "round did not end"
-                    )
-                    return await self._fail(client, gen, detail, end_task)
-                for task in done:
+                failed: str | None = None
+                for task in done & exits.keys():
                     worker = exits.pop(task)
                     code = task.result()
-                    if code == 0:
-                        continue
                     if code == SAFEPOINT_EXIT:
                         parked_until = parked_until or (
                             time.monotonic() + self.opts.tuning.safepoint_timeout_s
                         )
-                        continue
+                    elif code != 0 and failed is None:
+                        failed = (
+                            f"rank {worker.rank} (node {self.opts.node_id}, local rank "
+                            f"{worker.local_rank}) {describe_exit(code)}"
+                        )
+                if end_task in done:
+                    if failed is not None:  # ours failed too, but the round already ended
+                        log.info("round %d: %s", gen, failed)
+                    end = end_task.result()
+                    safe = control if end.graceful and self._bootstrap is not None else None
+                    await self._stop_workers(safe)
+                    return Outcome("ended", end)
+                if failed is not None:
+                    return await self._fail(client, gen, failed, end_task)
+                if not done:
                     detail = (
-                        f"rank {worker.rank} (node {self.opts.node_id}, local rank "
-                        f"{worker.local_rank}) {describe_exit(code)}"
+                        f"workers on node {self.opts.node_id} stopped at a safe point but the "
+                        "round did not end"
                     )
                     return await self._fail(client, gen, detail, end_task)
                 if not exits and parked_until is None:

@@ -32,7 +32,9 @@ PREWARM_MODULES = (
     "torch.optim",
     "torch._dynamo",
 )
-_ENTRY = "from lattice.agent._standby import main; main()"
+# Run by path, not as ``-m lattice...``: it needs only the standard library, so it works
+# whatever PYTHONPATH the worker has.
+_ENTRY = str(Path(__file__).with_name("_standby.py"))
 
 
 def standby_env(env: Mapping[str, str], bootstrap: Path | None) -> dict[str, str]:
@@ -78,26 +80,54 @@ class StandbyPool:
         self._sinks = sinks
         self._modules = tuple(modules)
         self._ready: dict[int, Worker] = {}
+        self._warm: dict[int, asyncio.Future[bool]] = {}
         self._refill: asyncio.Task[None] | None = None
         self._closed = False
 
-    async def fill(self) -> None:
-        """Start a standby for every local rank that has none (or whose standby died)."""
+    async def fill(self, *, idle: bool = True) -> None:
+        """Start a standby for every local rank that has none (or whose standby died).
+
+        ``idle``: import at idle CPU priority (while a round trains); False when nothing else
+        runs yet (the agent's start).
+        """
         for local_rank, env in enumerate(self._envs):
             current = self._ready.get(local_rank)
             if self._closed or (current is not None and current.returncode is None):
                 continue
             program = self._program
-            argv = [program.python, *program.python_flags, "-c", _ENTRY, *self._modules]
+            read_fd, write_fd = os.pipe()
+            argv = [
+                program.python,
+                *program.python_flags,
+                _ENTRY,
+                str(write_fd),
+                "1" if idle else "0",
+                *self._modules,
+            ]
             try:
                 proc = await spawn_tied(
-                    argv, standby_env(env, self._bootstrap), self._program.cwd, stdin_pipe=True
+                    argv,
+                    standby_env(env, self._bootstrap),
+                    self._program.cwd,
+                    stdin_pipe=True,
+                    pass_fds=(write_fd,),
                 )
             except OSError as exc:
+                os.close(read_fd)
                 log.warning("could not start a standby interpreter: %s", exc)
                 return
+            finally:
+                os.close(write_fd)
             label = Label(f"standby{local_rank}")
             self._ready[local_rank] = Worker(proc, local_rank, label, self._sinks(local_rank))
+            self._warm[local_rank] = _watch_ready(read_fd)
+
+    async def wait_warm(self, timeout: float) -> bool:
+        """Wait (bounded) until every standby has finished its imports; True if they all did."""
+        waits = [f for f in self._warm.values() if not f.done()]
+        if waits:
+            await asyncio.wait(waits, timeout=timeout)
+        return all(f.done() and f.result() for f in self._warm.values())
 
     def fill_later(self, delay_s: float) -> None:
         """Refill after ``delay_s``, so the standbys' imports don't slow a round's start."""
@@ -118,6 +148,9 @@ class StandbyPool:
         ``prepare`` runs before the standby is released (it sets the rank prefix of its output).
         """
         worker = self._ready.pop(local_rank, None)
+        warm = self._warm.pop(local_rank, None)
+        if warm is not None and not warm.done():
+            warm.cancel()
         if worker is None or worker.returncode is not None:
             if worker is not None:
                 _kill(worker)
@@ -151,6 +184,10 @@ class StandbyPool:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill
+        for future in self._warm.values():
+            if not future.done():
+                future.cancel()
+        self._warm.clear()
         for worker in self._ready.values():
             _kill(worker)
         for worker in self._ready.values():
@@ -159,6 +196,31 @@ class StandbyPool:
             for task in worker.pumps:
                 task.cancel()
         self._ready.clear()
+
+
+def _watch_ready(fd: int) -> asyncio.Future[bool]:
+    """A future that turns True when the standby writes to ``fd``, False if it closes it unread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[bool] = loop.create_future()
+    open_fd = [fd]
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1)
+        except OSError:
+            data = b""
+        finish(bool(data))
+
+    def finish(ok: bool) -> None:
+        if open_fd:
+            loop.remove_reader(open_fd.pop())
+            os.close(fd)
+        if not future.done():
+            future.set_result(ok)
+
+    loop.add_reader(fd, readable)
+    future.add_done_callback(lambda f: finish(False) if f.cancelled() else None)
+    return future
 
 
 def _bootstrap_in(env: Mapping[str, str], bootstrap: Path | None) -> bool:

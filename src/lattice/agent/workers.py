@@ -76,7 +76,12 @@ def as_python_program(command: Sequence[str], cwd: str) -> Program | None:
 
 
 async def spawn_tied(
-    argv: Sequence[str], env: Mapping[str, str], cwd: str, *, stdin_pipe: bool = False
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    cwd: str,
+    *,
+    stdin_pipe: bool = False,
+    pass_fds: tuple[int, ...] = (),
 ) -> asyncio.subprocess.Process:
     """Start ``argv`` in a new session, killed by the kernel if this process dies."""
     cmd = [sys.executable, "-S", "-I", str(TRAMPOLINE), str(os.getpid()), *argv]
@@ -88,6 +93,7 @@ async def spawn_tied(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        pass_fds=pass_fds,
     )
 
 

@@ -31,6 +31,24 @@ def parse_job(obj: Any, where: str = "") -> TrainingJob:
         raise UserError(format_validation_error(exc, prefix=f"{label}: ")) from None
 
 
+MAX_VALUES = 100_000  # values in one input, YAML aliases counted at every use (bombs)
+MAX_DEPTH = 100  # nesting levels of one input
+
+
+def _unreadable(exc: Exception) -> UserError:
+    """A value the JSON/YAML reader cannot turn into data (a bad date, a 5000-digit number)."""
+    detail = str(exc).split(";")[0] or type(exc).__name__
+    return UserError(
+        f"invalid value in the input: {detail} (fix: quote it as a string or correct it)"
+    )
+
+
+def _too_deep() -> UserError:
+    return UserError(
+        f"the input nests deeper than {MAX_DEPTH} levels (fix: a TrainingJob needs far fewer)"
+    )
+
+
 def _decode(text: str) -> list[Any]:
     stripped = text.lstrip()
     if stripped.startswith(("{", "[")):
@@ -38,6 +56,10 @@ def _decode(text: str) -> list[Any]:
             doc = json.loads(text)
         except json.JSONDecodeError:
             pass  # YAML flow style also starts with { or [; let the YAML parser judge it
+        except RecursionError:
+            raise _too_deep() from None
+        except ValueError as exc:
+            raise _unreadable(exc) from None
         else:
             return list(doc) if isinstance(doc, list) else [doc]
     try:
@@ -49,14 +71,47 @@ def _decode(text: str) -> list[Any]:
         raise UserError(
             f"invalid YAML{at}: {problem} (fix: check the indentation and quoting)"
         ) from None
+    except RecursionError:
+        raise _too_deep() from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        raise _unreadable(exc) from None
+
+
+def _check_size(docs: list[Any]) -> None:
+    """Refuse inputs that expand past `MAX_VALUES` values or `MAX_DEPTH` levels.
+
+    YAML aliases let a few hundred bytes stand for billions of values (and a recursive alias
+    for infinitely many); validating or storing those would exhaust time and memory.
+    """
+    stack: list[tuple[Any, int]] = [(d, 1) for d in docs]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise UserError(
+                f"the input holds more than {MAX_VALUES} values (YAML aliases count at every "
+                "use) (fix: split it into smaller documents or remove repeated aliases)"
+            )
+        if depth > MAX_DEPTH:
+            raise _too_deep()
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for item in node.items() for v in item)
+        elif isinstance(node, list | tuple | set | frozenset):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def load_documents(text: str) -> list[TrainingJob]:
     """Every TrainingJob in YAML/JSON ``text`` (``---``-separated, a JSON list, or a ``List``)."""
+    decoded = _decode(text)
+    _check_size(decoded)
     docs: list[Any] = []
-    for doc in _decode(text):
+    for doc in decoded:
         if isinstance(doc, Mapping) and doc.get("kind") == "List" and "items" in doc:
-            docs.extend(doc.get("items") or [])
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise UserError("items of a List must be a list of TrainingJobs (fix: use - item)")
+            docs.extend(items)
         else:
             docs.append(doc)
     if not docs:

@@ -45,9 +45,16 @@ def quantity_value(text: str) -> float:
     if not m:
         raise ValueError(f"{text!r} is not a Kubernetes quantity")
     number, suffix = float(m.group(1)), m.group(2) or ""
-    if suffix[:1] in ("e", "E") and len(suffix) > 1:
-        return number * 10.0 ** int(suffix[1:])
-    return number * _SUFFIX[suffix]
+    try:
+        if suffix[:1] in ("e", "E") and len(suffix) > 1:
+            value = number * 10.0 ** int(suffix[1:])
+        else:
+            value = number * _SUFFIX[suffix]
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is too large a quantity")
+    return value
 
 
 def _quantity(value: Any) -> Any:

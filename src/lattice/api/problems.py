@@ -6,9 +6,15 @@ Validators raise `SpecProblem` (a `ValueError`, so pydantic collects it with its
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from pydantic import ValidationError
+
+MAX_PROBLEMS = 10  # problems named in one message; the rest are counted
+_SHOW = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 2, 4, 4
+_SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 80
 
 
 class SpecProblem(ValueError):
@@ -44,6 +50,11 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 }
 
 
+def shown_value(value: Any) -> str:
+    """A short repr of what the user wrote (an alias bomb must not become a gigabyte message)."""
+    return _SHOW.repr(value)
+
+
 def location(loc: tuple[int | str, ...]) -> str:
     """pydantic's ``('spec', 'containers', 0, 'command')`` → ``spec.containers[0].command``."""
     out = ""
@@ -69,16 +80,16 @@ def _describe(err: Any) -> tuple[str, str]:
     if kind in _BUILTIN:
         wording, fix = _BUILTIN[kind]
         got = err.get("input")
-        shown = "" if kind in ("missing", "extra_forbidden") else f" (got {got!r})"
+        shown = "" if kind in ("missing", "extra_forbidden") else f" (got {shown_value(got)})"
         return path, f"{wording}{shown} (fix: {fix})"
     bounds = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "more than")}
     if kind in bounds:
         key, words = bounds[kind]
         limit = ctx.get(key)
-        return path, f"{err['input']!r} is too small (fix: use a value {words} {limit})"
+        return path, f"{shown_value(err['input'])} is too small (fix: use a value {words} {limit})"
     if kind == "literal_error":
         expected = ctx.get("expected", "")
-        return path, f"{err['input']!r} is not allowed (fix: use one of {expected})"
+        return path, f"{shown_value(err['input'])} is not allowed (fix: use one of {expected})"
     return path, f"{err['msg']} (fix: correct this field)"
 
 
@@ -90,4 +101,6 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
         line = f"{path}: {text}" if path else text
         if line not in seen:
             seen.append(line)
-    return prefix + "; ".join(seen)
+    more = len(seen) - MAX_PROBLEMS
+    tail = f"; and {more} more problems" if more > 0 else ""
+    return prefix + "; ".join(seen[:MAX_PROBLEMS]) + tail

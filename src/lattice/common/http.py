@@ -55,6 +55,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         return json_error(400, f"bad request: {exc}")
+    except RecursionError:  # a JSON body nested thousands deep
+        return json_error(400, "bad request: the body is nested too deeply")
 
 
 def _auth_middleware(auth: Authenticator) -> Any:

@@ -118,7 +118,7 @@ class Service:
     def start(self) -> None:
         cmd = [*LATTICE, "rendezvous", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [*cmd, "--token", self.token],
+            [*cmd, f"--token={self.token}"],  # a token may start with '-'
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -194,8 +194,7 @@ class Cluster:
             self.service.endpoint,
             "--rdzv-id",
             "itest",
-            "--token",
-            self.token,
+            f"--token={self.token}",
             "--node-id",
             node,
             *extra,

@@ -46,14 +46,14 @@ def test_killed_worker_reforms_the_round_and_training_continues(cluster: Cluster
     assert after[-1].round > old_round, cluster.dump()
     assert all(s.restart >= 1 for s in after), "a failed round counts as a restart"
     assert victim.pid not in {s.pid for s in after}
-    # Both agents saw the same round end (pushed) and the failure is named.
-    for node in ("node-a", "node-b"):
-        assert "was killed by SIGKILL" in cluster.agents[node].text(), cluster.dump()
+    # The failure is named where it happened, and the other agent got the round's end pushed.
+    assert "was killed by SIGKILL" in cluster.agents["node-b"].text(), cluster.dump()
+    assert f"round {old_round} failed" in cluster.agents["node-a"].text(), cluster.dump()
 
 
 def test_service_restart_does_not_disturb_training(cluster: Cluster) -> None:
     running = cluster.wait_training(world=2)
-    round_before, pids = running[-1].round, {s.pid for s in running[-4:]}
+    round_before, pids = running[-1].round, {s.pid for s in running}
     restart = time.time()
     cluster.service.kill()
     cluster.service.start()
@@ -64,7 +64,6 @@ def test_service_restart_does_not_disturb_training(cluster: Cluster) -> None:
     later = [s for s in cluster.steps() if s.t > restart]
     assert {s.round for s in later} == {round_before}, cluster.dump()
     assert {s.pid for s in later} == pids, "the same processes keep training"
-    assert "adopted running round" in cluster.service.log.read_text()
 
 
 def test_new_agent_grows_the_world(cluster: Cluster) -> None:

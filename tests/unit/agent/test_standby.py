@@ -62,8 +62,11 @@ async def _result(worker: Worker) -> int:
     return await asyncio.wait_for(worker.wait(), 60)
 
 
-def _envs(layout: dict[str, Path], name: str) -> tuple[dict[str, str], dict[str, str]]:
+def _envs(
+    layout: dict[str, Path], name: str, extra: dict[str, str] | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
     node = {
+        **(extra or {}),
         "PATH": os.environ.get("PATH", "/usr/bin"),
         "LOCAL_RANK": "0",
         "PYTHONPATH": f"{layout['boot']}{os.pathsep}{layout['root']}",
@@ -75,27 +78,33 @@ def _envs(layout: dict[str, Path], name: str) -> tuple[dict[str, str], dict[str,
 
 
 @pytest.mark.parametrize(
-    ("mode", "target", "cwd_key", "flags"),
+    ("mode", "target", "cwd_key", "flags", "extra"),
     [
-        ("script", "link/probe.py", "root", ("-u",)),
-        ("module", "probe_mod", "real", ("-u",)),
-        ("script", "real/probe.py", "root", ()),
+        ("script", "link/probe.py", "root", ("-u",), {}),
+        ("module", "probe_mod", "real", ("-u",), {}),
+        ("script", "real/probe.py", "root", (), {}),
+        ("script", "real/probe.py", "root", ("-u",), {"PYTHONSAFEPATH": "1"}),
     ],
 )
 async def test_standby_is_indistinguishable_from_a_fresh_process(
-    layout: dict[str, Path], mode: str, target: str, cwd_key: str, flags: tuple[str, ...]
+    layout: dict[str, Path],
+    mode: str,
+    target: str,
+    cwd_key: str,
+    flags: tuple[str, ...],
+    extra: dict[str, str],
 ) -> None:
     program = Program(
         target, ("--lr", "0.1", "x y"), mode, sys.executable, str(layout[cwd_key]), flags
     )
-    node, fresh_env = _envs(layout, "fresh.json")
+    node, fresh_env = _envs(layout, "fresh.json", extra)
     fresh = await start_worker(program, fresh_env, 0, _sinks(0))
     fresh.assign(5, None)
     assert await _result(fresh) == 3
 
     pool = StandbyPool(program, [node], layout["boot"], _sinks, modules=("json",))
     await pool.fill()
-    _, warm_env = _envs(layout, "warm.json")
+    _, warm_env = _envs(layout, "warm.json", extra)
     warm = await pool.take(0, warm_env, lambda w: w.assign(5, None))
     assert warm is not None
     assert await _result(warm) == 3
@@ -151,3 +160,20 @@ async def test_uncaught_exception_looks_the_same(tmp_path: Path) -> None:
     outputs.append(warm_err.getvalue())
     assert outputs[0] == outputs[1], outputs
     assert b"ValueError: boom" in outputs[0] and b"_standby" not in outputs[0]
+
+
+async def test_warm_signal_after_imports_and_none_for_a_dead_standby(tmp_path: Path) -> None:
+    (tmp_path / "slowmod.py").write_text("import time\ntime.sleep(0.5)\n")
+    (tmp_path / "t.py").write_text("")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(tmp_path), "LOCAL_RANK": "0"}
+    program = Program("t.py", (), "script", sys.executable, str(tmp_path))
+    pool = StandbyPool(program, [env], None, _sinks, modules=("slowmod", "no_such_module"))
+    await pool.fill(idle=False)
+    assert not await pool.wait_warm(0.05), "not warm before its imports are done"
+    assert await pool.wait_warm(60)
+    await pool.close()
+    pool = StandbyPool(program, [env], None, _sinks, modules=("slowmod",))
+    await pool.fill()
+    pool._ready[0].signal(9)
+    assert not await pool.wait_warm(60)
+    await pool.close()
