@@ -397,7 +397,7 @@ class Agent:
                         failed = (
                             f"rank {worker.rank} (node {self.opts.node_id}, local rank "
                             f"{worker.local_rank}) {describe_exit(code)}"
-                        )
+                        ) + (await _last_words(worker) if code > 0 else "")
                 if end_task in done:
                     if failed is not None:  # ours failed too, but the round already ended
                         log.info("round %d: %s", gen, failed)
@@ -524,3 +524,12 @@ class Agent:
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
         drain_all()
+
+
+async def _last_words(worker: Worker) -> str:
+    """``: <last stderr line>`` of a failed worker (its output read to the end, bounded)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await asyncio.gather(*worker.pumps, return_exceptions=True)
+    text = worker.last_error.text
+    return f": {text}" if text else ""

@@ -114,7 +114,24 @@ class Sink:
             self.log = None
 
 
-async def pump(reader: asyncio.StreamReader, label: Label, sink: Sink) -> None:
+class LastLine:
+    """The last non-empty line a stream carried (a failed worker's error, for its report)."""
+
+    LIMIT = 300
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def see(self, lines: list[bytes]) -> None:
+        for line in reversed(lines):
+            if line.strip():
+                self.text = line.strip()[-self.LIMIT :].decode(errors="replace")
+                return
+
+
+async def pump(
+    reader: asyncio.StreamReader, label: Label, sink: Sink, last: LastLine | None = None
+) -> None:
     """Copy ``reader`` to ``sink`` line by line with ``label``'s prefix until EOF."""
     pending = b""
     try:
@@ -126,10 +143,14 @@ async def pump(reader: asyncio.StreamReader, label: Label, sink: Sink) -> None:
             *lines, pending = pending.split(b"\n")
             if lines:
                 await sink.write(b"".join(label.prefix + line + b"\n" for line in lines))
+                if last is not None:
+                    last.see(lines)
             if len(pending) >= CHUNK:
                 await sink.write(label.prefix + pending + b"\n")
                 pending = b""
         if pending:
             await sink.write(label.prefix + pending + b"\n")
+            if last is not None:
+                last.see([pending])
     finally:
         sink.close()

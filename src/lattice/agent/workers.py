@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lattice.agent.output import Label, Sink, pump
+from lattice.agent.output import Label, LastLine, Sink, pump
 from lattice.agent.protocol import CHECKPOINT_AND_EXIT
 
 log = logging.getLogger("lattice.agent")
@@ -128,9 +128,10 @@ class Worker:
         self.label = label
         self.sinks = sinks
         assert proc.stdout is not None and proc.stderr is not None
+        self.last_error = LastLine()  # the last stderr line: named when the worker fails
         self.pumps = [
             asyncio.create_task(pump(proc.stdout, label, sinks[0])),
-            asyncio.create_task(pump(proc.stderr, label, sinks[1])),
+            asyncio.create_task(pump(proc.stderr, label, sinks[1], self.last_error)),
         ]
 
     @property

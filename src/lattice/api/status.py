@@ -69,6 +69,7 @@ class TrainingJobStatus(OpenModel):
     last_resize_time: datetime | None = None
     last_failure: WorkerFailure | None = None
     counted_failures: list[str] = Field(default_factory=list)
+    round_failures_seen: int = 0  # the rendezvous' failed-round count last added to restarts
     capacity_limit: CapacityLimit | None = None
 
     @property

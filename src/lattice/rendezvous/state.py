@@ -165,6 +165,7 @@ class Job:
         self.kv: dict[str, bytes] = {}
         self.kv_signal = Signal(lot)
         self.last_activity = now
+        self.failed_rounds = 0  # rounds ended by a worker failure (the operator's restarts)
 
     def running(self) -> RoundState | None:
         return self.round if self.round is not None and self.round.running else None
@@ -209,6 +210,7 @@ class Job:
             "members": [m.to_json() for m in rnd.members] if rnd is not None else [],
             "succeeded": sorted(rnd.succeeded) if rnd is not None else [],
             "last_end": rnd.end.to_json() if rnd is not None and rnd.end is not None else None,
+            "failed_rounds": self.failed_rounds,
             "waiting": [
                 {
                     "node_id": n.node_id,
@@ -402,6 +404,8 @@ class Rendezvous:
             return False
         rnd.end = End(rnd.generation, reason, detail, graceful)
         rnd.ended_at = self.now()
+        if reason == "failure":
+            job.failed_rounds += 1
         job.history[rnd.generation] = rnd.end
         while len(job.history) > HISTORY:
             job.history.popitem(last=False)

@@ -416,3 +416,42 @@ def test_status_survives_the_wire() -> None:
         "count": 1,
     }
     assert TrainingJobStatus.model_validate(wire) == world.status
+
+
+def test_rounds_that_failed_inside_the_pods_count_as_restarts_once() -> None:
+    """The agents re-form after a crashed process without a pod failing: the rendezvous'
+    failed-round count reaches status.restarts, each round once, and a restarted service
+    (its count back at 0) is a new baseline, not a negative restart."""
+    from lattice.operator.core import RoundInfo
+
+    world = World(make_job(maxSize=2))
+    world.settle(2)
+
+    def observe(failed: int | None) -> None:
+        rnd = RoundInfo(round=9, size=2, failed_rounds=failed, last_failure="rank 1 exited 1")
+        observed = Observed(workers=world.observed().workers, round=rnd, rendezvous_target=2)
+        world.apply(reconcile(world.job, observed, 2, now=world.now, services=world_services()))
+
+    observe(2)
+    assert world.status.restarts == 2
+    failed_events = [e for e in world.events if e.reason == "RoundFailed"]
+    assert len(failed_events) == 1 and "rank 1 exited 1" in failed_events[0].message
+    observe(2)  # the same count again: nothing new
+    observe(None)  # service unreachable: unknown, not zero
+    assert world.status.restarts == 2
+    observe(0)  # the service restarted
+    observe(1)
+    assert world.status.restarts == 3
+    assert len([e for e in world.events if e.reason == "RoundFailed"]) == 2
+
+
+def test_too_many_failed_rounds_fail_the_job() -> None:
+    from lattice.operator.core import RoundInfo
+
+    world = World(make_job(maxSize=2, runPolicy={"backoffLimit": 3}))
+    world.settle(2)
+    rnd = RoundInfo(round=9, size=2, failed_rounds=4)
+    observed = Observed(workers=world.observed().workers, round=rnd, rendezvous_target=2)
+    world.apply(reconcile(world.job, observed, 2, now=world.now, services=world_services()))
+    assert world.status.phase == "Failed"
+    assert "backoffLimit (3)" in world.status.message

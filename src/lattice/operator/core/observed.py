@@ -51,6 +51,10 @@ class RoundInfo:
 
     round: int
     size: int
+    # Rounds the service saw end in a worker failure (agents re-formed the group without the
+    # pod failing); None: unknown. Soft state: it restarts from 0 with the service.
+    failed_rounds: int | None = None
+    last_failure: str | None = None
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from lattice.operator.core.actions import (
     SetRendezvousTarget,
     UpdateStatus,
 )
-from lattice.operator.core.observed import Observed, WorkerState
+from lattice.operator.core.observed import Observed, RoundInfo, WorkerState
 from lattice.operator.core.worker import Services, worker_command, worker_env
 
 ACTIVE = ("Pending", "Running", "Unschedulable")
@@ -111,6 +111,7 @@ class _Pass:
             )
         if self.observed.round is not None:
             st.round = self.observed.round.round
+            self._count_round_failures(self.observed.round)
         if self.old.terminal:
             self._clean_up()
         else:
@@ -144,6 +145,27 @@ class _Pass:
         self._scale(failed_now)
 
     # -- failures --------------------------------------------------------------------------
+
+    def _count_round_failures(self, rnd: RoundInfo) -> None:
+        """Rounds that failed and re-formed inside the pods count as restarts too.
+
+        The agents replace a crashed training process themselves, so no pod fails; the
+        rendezvous service counts those rounds. A count below the last one seen means the
+        service restarted (soft state): it becomes the new baseline.
+        """
+        st, seen = self.st, rnd.failed_rounds
+        if seen is None or self.old.terminal:
+            return
+        if seen > st.round_failures_seen:
+            new = seen - st.round_failures_seen
+            st.restarts += new
+            detail = f": {rnd.last_failure}" if rnd.last_failure else ""
+            self._event(
+                "Warning",
+                "RoundFailed",
+                f"{new} training round(s) failed and re-formed{detail}",
+            )
+        st.round_failures_seen = seen
 
     def _count_failures(self) -> bool:
         """Count failures not counted before; True if there were any."""

@@ -137,6 +137,9 @@ def worker_pod(
     container = next(c for c in spec["containers"] if c["name"] == action.container)
     container["command"] = list(action.command)
     container.pop("args", None)
+    # A failed worker's last output lines become its termination message, which the operator
+    # copies into status.workerError (the script's own error, not just an exit code).
+    container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
     managed = {*MANAGED_ENV, *action.env}
     env = [e for e in container.get("env") or [] if e.get("name") not in managed]
     env += [{"name": k, "value": v} for k, v in sorted(action.env.items())]

@@ -48,7 +48,15 @@ class RendezvousView:
         if generation is None:
             return None, target if isinstance(target, int) else None
         size = len(data.get("members") or []) if data.get("running") else 0
-        return RoundInfo(int(generation), size), target if isinstance(target, int) else None
+        failed = data.get("failed_rounds")
+        last = data.get("last_end") or {}
+        info = RoundInfo(
+            int(generation),
+            size,
+            failed_rounds=failed if isinstance(failed, int) else None,
+            last_failure=str(last.get("detail")) if last.get("reason") == "failure" else None,
+        )
+        return info, target if isinstance(target, int) else None
 
     async def set_target(self, job_id: str, size: int | None) -> bool:
         try:

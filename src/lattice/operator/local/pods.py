@@ -45,6 +45,18 @@ class Pod:
         return "Succeeded" if self.exit_code == 0 else "Failed"
 
 
+def _log_tail(path: Path, lines: int = 3, limit: int = 1024) -> str:
+    """The last non-empty ``lines`` of a pod's log, at most ``limit`` characters."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8 * limit))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln.strip() for ln in text.splitlines() if ln.strip()][-lines:]
+    return " | ".join(kept)[-limit:]
+
+
 class Pods:
     """The running pods of this control plane; ``on_change`` is called when one exits."""
 
@@ -102,7 +114,10 @@ class Pods:
     async def _reap(self, pod: Pod) -> None:
         code = await pod.proc.wait()
         pod.exit_code = code
-        pod.message = f"worker {pod.name} {describe_exit(code)}"
+        pod.message = describe_exit(code)
+        if code != 0:  # like Kubernetes' FallbackToLogsOnError: the output's last lines
+            tail = _log_tail(pod.log_path)
+            pod.message += f": {tail}" if tail else ""
         signal_group(pod.proc.pid, signal.SIGKILL)  # nothing of the pod outlives it
         log.info("pod %s %s", pod.name, describe_exit(code))
         if pod.deleting:
