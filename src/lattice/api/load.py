@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from lattice.api.job import TrainingJob
-from lattice.api.problems import format_validation_error
+from lattice.api.problems import format_validation_error, one_line
 from lattice.common.errors import UserError
 
 
@@ -24,7 +24,8 @@ def parse_job(obj: Any, where: str = "") -> TrainingJob:
         if isinstance(obj.get("metadata"), Mapping)
         else None
     )
-    label = f"trainingjob {name}" if isinstance(name, str) and name else (where or "trainingjob")
+    label = f"trainingjob {one_line(name, 80)}" if isinstance(name, str) and name else None
+    label = label or where or "trainingjob"
     try:
         return TrainingJob.model_validate(obj)
     except ValidationError as exc:
@@ -37,7 +38,7 @@ MAX_DEPTH = 100  # nesting levels of one input
 
 def _unreadable(exc: Exception) -> UserError:
     """A value the JSON/YAML reader cannot turn into data (a bad date, a 5000-digit number)."""
-    detail = str(exc).split(";")[0] or type(exc).__name__
+    detail = one_line(str(exc).split(";")[0] or type(exc).__name__)
     return UserError(
         f"invalid value in the input: {detail} (fix: quote it as a string or correct it)"
     )
@@ -67,7 +68,7 @@ def _decode(text: str) -> list[Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = one_line(getattr(exc, "problem", None) or str(exc).splitlines()[0])
         raise UserError(
             f"invalid YAML{at}: {problem} (fix: check the indentation and quoting)"
         ) from None

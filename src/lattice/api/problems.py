@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 MAX_PROBLEMS = 10  # problems named in one message; the rest are counted
+MAX_LINE = 300  # characters of one problem (or name) in a message; the middle is cut
 _SHOW = reprlib.Repr()  # Python 3.11's Repr takes no keyword arguments
 _SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 2, 4, 4
 _SHOW.maxstring = _SHOW.maxother = _SHOW.maxlong = 80
@@ -53,6 +54,17 @@ _BUILTIN: dict[str, tuple[str, str]] = {
 def shown_value(value: Any) -> str:
     """A short repr of what the user wrote (an alias bomb must not become a gigabyte message)."""
     return _SHOW.repr(value)
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` escaped to one printable line of at most ``limit`` characters (start and end
+    kept: a field name or value the user wrote may be megabytes long or hold line breaks)."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    if len(text) > limit:
+        keep = (limit - 1) // 2
+        text = f"{text[:keep]}…{text[-keep:]}"
+    return text
 
 
 def location(loc: tuple[int | str, ...]) -> str:
@@ -98,7 +110,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     seen: list[str] = []
     for err in exc.errors():
         path, text = _describe(err)
-        line = f"{path}: {text}" if path else text
+        line = one_line(f"{path}: {text}" if path else text)
         if line not in seen:
             seen.append(line)
     more = len(seen) - MAX_PROBLEMS

@@ -24,7 +24,7 @@ def check_step(step: int | str) -> int:
 
 
 def check_shard(name: str) -> str:
-    if not SHARD_RE.match(name) or ".." in name:
+    if not SHARD_RE.fullmatch(name) or ".." in name:
         raise ValueError(
             f"invalid shard name {name!r}: letters, digits, '.', '_', '-' (max 128, no '..')"
         )

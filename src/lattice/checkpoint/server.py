@@ -151,6 +151,14 @@ async def get_shard(request: web.Request) -> web.StreamResponse:
     if manifest is None or name not in manifest.shards:
         return json_error(404, f"no shard {name!r} in a committed checkpoint at step {step}")
     info = manifest.shards[name]
+    if request.method == "HEAD":  # headers only: body bytes would desync a keep-alive connection
+        return web.Response(
+            headers={
+                SHA_HEADER: info.sha256,
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(info.size),
+            }
+        )
     chunks = storage.read_shard(manifest, name)
     try:
         first = await asyncio.to_thread(next, chunks, b"")

@@ -29,13 +29,20 @@ def _register_all() -> None:
         module.register(cli)
 
 
+def _printable(text: str) -> str:
+    """One line whatever the user typed (a flag may hold a CR or a newline)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     _register_all()
     try:
         rc = cli.main(args=argv, prog_name="lattice", standalone_mode=False)
     except UserError as exc:
-        print(f"lattice: error: {exc}", file=sys.stderr)
+        print(f"lattice: error: {_printable(str(exc))}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
         print("lattice: aborted", file=sys.stderr)

@@ -42,7 +42,7 @@ def caller(request: web.Request) -> Caller:
 
 
 def valid_job_id(job: str) -> bool:
-    return bool(JOB_ID_RE.match(job)) and ".." not in job
+    return bool(JOB_ID_RE.fullmatch(job)) and ".." not in job  # fullmatch: no trailing \n
 
 
 @web.middleware
@@ -57,6 +57,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return json_error(400, f"bad request: {exc}")
     except RecursionError:  # a JSON body nested thousands deep
         return json_error(400, "bad request: the body is nested too deeply")
+    except ConnectionResetError:  # the client went away mid-body: one line, not a traceback
+        log.info(
+            "%s %s: the client went away before the body was read", request.method, request.path
+        )
+        return json_error(400, "connection lost while reading the body")
 
 
 def _auth_middleware(auth: Authenticator) -> Any:

@@ -86,7 +86,7 @@ def _generation(request: web.Request) -> int:
 
 def _kv_key(request: web.Request) -> str:
     key = request.match_info["key"]
-    if not KV_KEY_RE.match(key) or ".." in key.split("/"):
+    if not KV_KEY_RE.fullmatch(key) or ".." in key.split("/"):
         raise _Bad(
             _error(400, f"invalid key {key!r}: 1-256 of letters, digits, '._:/-'", "invalid")
         )
@@ -345,4 +345,4 @@ async def _target(request: web.Request) -> web.Response:
 
 
 def _valid_node(node_id: str) -> bool:
-    return NODE_ID_RE.match(node_id) is not None
+    return NODE_ID_RE.fullmatch(node_id) is not None
