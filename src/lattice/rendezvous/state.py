@@ -166,6 +166,7 @@ class Job:
         self.kv_signal = Signal(lot)
         self.last_activity = now
         self.failed_rounds = 0  # rounds ended by a worker failure (the operator's restarts)
+        self.last_failure = ""  # the detail of the newest of them
 
     def running(self) -> RoundState | None:
         return self.round if self.round is not None and self.round.running else None
@@ -211,6 +212,7 @@ class Job:
             "succeeded": sorted(rnd.succeeded) if rnd is not None else [],
             "last_end": rnd.end.to_json() if rnd is not None and rnd.end is not None else None,
             "failed_rounds": self.failed_rounds,
+            "last_failure": self.last_failure or None,
             "waiting": [
                 {
                     "node_id": n.node_id,
@@ -406,6 +408,7 @@ class Rendezvous:
         rnd.ended_at = self.now()
         if reason == "failure":
             job.failed_rounds += 1
+            job.last_failure = detail
         job.history[rnd.generation] = rnd.end
         while len(job.history) > HISTORY:
             job.history.popitem(last=False)

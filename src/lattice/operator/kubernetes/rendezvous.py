@@ -49,12 +49,12 @@ class RendezvousView:
             return None, target if isinstance(target, int) else None
         size = len(data.get("members") or []) if data.get("running") else 0
         failed = data.get("failed_rounds")
-        last = data.get("last_end") or {}
+        last = data.get("last_failure")
         info = RoundInfo(
             int(generation),
             size,
             failed_rounds=failed if isinstance(failed, int) else None,
-            last_failure=str(last.get("detail")) if last.get("reason") == "failure" else None,
+            last_failure=last if isinstance(last, str) else None,
         )
         return info, target if isinstance(target, int) else None
 
