@@ -7,6 +7,7 @@ GET    /v1/trainingjobs/{ns}/{name}/describe       object, workers, events
 GET    /v1/trainingjobs/{ns}/{name}/logs           ?worker=I&offset.<pod>=N → new text
 DELETE /v1/trainingjobs/{ns}/{name}                graceful
 GET|PUT /v1/slots                                  {"slots": N}
+POST   /v1/chaos/restart/{service}                 rendezvous|checkpoint: stop, start again
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def create_app(plane: ControlPlane) -> web.Application:
     app.router.add_delete("/v1/trainingjobs/{ns}/{name}", delete)
     app.router.add_get("/v1/slots", get_slots)
     app.router.add_put("/v1/slots", put_slots)
+    app.router.add_post("/v1/chaos/restart/{service}", restart_service)
     return app
 
 
@@ -131,3 +133,11 @@ async def put_slots(request: web.Request) -> web.Response:
     plane.slots = slots
     plane.wake()
     return web.json_response({"slots": slots})
+
+
+async def restart_service(request: web.Request) -> web.Response:
+    try:
+        endpoint = await request.app[PLANE].restart_service(request.match_info["service"])
+    except UserError as exc:
+        return json_error(404, str(exc))
+    return web.json_response({"restarted": request.match_info["service"], "endpoint": endpoint})

@@ -16,9 +16,12 @@ import os
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from lattice.api import TrainingJob, parse_job
 from lattice.common.auth import job_token
@@ -102,6 +105,8 @@ class ControlPlane:
         self._wake = asyncio.Event()
         self.pods = Pods(config.home / "logs", self.wake)
         self._services: list[BackgroundService] = []
+        self._service_by_name: dict[str, BackgroundService] = {}
+        self._factories: dict[str, Callable[[], web.Application]] = {}
         self.rendezvous: RendezvousView | None = None
         self.services: Services | None = None
         self.cycles = 0
@@ -114,11 +119,16 @@ class ControlPlane:
 
         token = self.token
         ckpt_dir = str(self.config.home / "checkpoints")
-        rdzv = BackgroundService(lambda: rendezvous_app(token, settle_s=1.0, lease_s=3.0))
-        ckpt = BackgroundService(lambda: checkpoint_app(token, ckpt_dir, keep=3))
-        for svc in (rdzv, ckpt):
+        self._factories = {
+            "rendezvous": lambda: rendezvous_app(token, settle_s=1.0, lease_s=3.0),
+            "checkpoint": lambda: checkpoint_app(token, ckpt_dir, keep=3),
+        }
+        for name, factory in self._factories.items():
+            svc = BackgroundService(factory)
             svc.start()
             self._services.append(svc)
+            self._service_by_name[name] = svc
+        rdzv, ckpt = self._service_by_name["rendezvous"], self._service_by_name["checkpoint"]
         self.rendezvous = RendezvousView(rdzv.endpoint, token)
         self.services = Services(
             rendezvous_endpoint=rdzv.endpoint,
@@ -128,6 +138,20 @@ class ControlPlane:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def restart_service(self, name: str) -> str:
+        """Stop an in-process service and start it again on the same port (chaos testing):
+        the rendezvous service loses its soft state, the checkpoint service keeps its files."""
+        old = self._service_by_name.get(name)
+        if old is None:
+            raise UserError(f"no service {name!r}: use rendezvous or checkpoint")
+        await asyncio.to_thread(old.stop)
+        new = BackgroundService(self._factories[name], old.host, old.port)
+        await asyncio.to_thread(new.start)
+        self._services[self._services.index(old)] = new
+        self._service_by_name[name] = new
+        log.info("%s service restarted on %s", name, new.endpoint)
+        return new.endpoint
 
     async def run(self) -> None:
         """Reconcile until cancelled."""
