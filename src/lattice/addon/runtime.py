@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lattice.addon import data, local_tier, protocol, service_tier, state
+from lattice.addon import data, hf, local_tier, protocol, service_tier, state
 
 log = logging.getLogger("lattice.addon")
 
@@ -47,12 +47,17 @@ def _dist() -> Any:
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def autopatch_parts(env: dict[str, str]) -> set[str]:
+    """What ``LATTICE_AUTOPATCH`` names (default ``torch,transformers``; ``none`` → nothing)."""
+    setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
+    return {part.strip() for part in setting.split(",")}
+
+
 def autopatch_enabled(env: dict[str, str]) -> bool:
     """True when the addon should activate: a Lattice job, and autopatch not set to ``none``."""
     if not env.get(protocol.ENV_JOB):
         return False
-    setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
-    return "torch" in {part.strip() for part in setting.split(",")}
+    return "torch" in autopatch_parts(env)
 
 
 def parse_every(raw: str | None) -> tuple[str, float]:
@@ -87,8 +92,13 @@ class Runtime:
         self.scalers: list[weakref.ref[Any]] = []
         self.loaders: list[weakref.ref[DataLoader]] = []
         self.registered: dict[str, Any] = {}
+        self.trainer: weakref.ref[Any] | None = None  # a transformers.Trainer inside train()
+        self.trainer_checkpoint: dict[str, Any] | None = None  # restored, for Trainer to load
         self._models_cache: tuple[tuple[int, ...], list[weakref.ref[nn.Module]]] | None = None
         self.step = 0
+        self.step_base = 0  # the step this process started from (restored), for calibration
+        self.settled = False  # calibration: the first snapshot's write has been waited for
+        self.calibrated = False
         self.pending = False
         self.loader_driven = False
         self.restore_done = False
@@ -165,6 +175,12 @@ class Runtime:
 
     def objects(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
+        trainer = self.trainer() if self.trainer is not None else None
+        if trainer is not None:  # Trainer's own objects, under its own names (see hf.py)
+            found.update(hf.objects(trainer))
+            for name, obj in self.registered.items():
+                found[f"user.{name}"] = obj
+            return found
         for i, m in enumerate(self.models()):
             found[f"model.{i}"] = m
         for kind, refs in (
@@ -183,6 +199,8 @@ class Runtime:
 
     # step boundary -----------------------------------------------------------------------
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.trainer is not None:
+            return  # Trainer's on_step_end is the boundary (trainer_step_end)
         live = self._alive(self.optimizers)
         if not live or live[0] is not optimizer:
             return
@@ -206,21 +224,24 @@ class Runtime:
             sys.stderr.flush()
             _say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
             os._exit(protocol.SAFEPOINT_EXIT)
-        if self.mode != "steps" and self.step == 2:
-            # Step times for calibration are taken with no write in flight (on CPU the writer
-            # competes for the cores): wait once for the step-1 snapshot's write.
-            self.queue.join()
-            self.step_times.clear()
-        if self.mode != "steps" and self.step == CALIBRATION_STEPS:
-            self._calibrate()
+        made = self.step - self.step_base  # steps made by this process
+        if self.mode != "steps" and not self.calibrated:
+            if made >= 2 and not self.settled:
+                # Step times for calibration are taken with no write in flight (on CPU the
+                # writer competes for the cores): wait once for the first snapshot's write.
+                self.settled = True
+                self.queue.join()
+                self.step_times.clear()
+            if made >= CALIBRATION_STEPS:
+                self._calibrate()
         if self.force or self._due():
             self.force = False
             self.snapshot(sync=False)
         self.last_boundary = time.perf_counter()
 
     def _due(self) -> bool:
-        if self.mode != "steps" and self.step < CALIBRATION_STEPS:
-            return self.step == 1  # the first snapshot measures the stall for calibration
+        if self.mode != "steps" and not self.calibrated:
+            return not self.stalls  # the first snapshot measures the stall for calibration
         return self.step % self.interval == 0
 
     def _calibrate(self) -> None:
@@ -238,6 +259,7 @@ class Runtime:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             interval = int(t.item())
         self.interval = interval
+        self.calibrated = True
         _say(f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms)")
 
     def _safepoint_requested(self) -> bool:
@@ -335,10 +357,16 @@ class Runtime:
         else:
             return
         replicated = got["state"]
+        self.step = self.step_base = step
+        if hf.STATE_KEY in replicated:
+            # Taken inside Trainer.train(): Trainer loads it itself when train() starts (hf.py).
+            self.trainer_checkpoint = got
+            self._prune_newer(step)
+            _say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
+            return
         for name, obj in self.objects().items():
             if name in replicated:
                 obj.load_state_dict(replicated[name])
-        self.step = step
         positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
         self.resume_positions = positions
         for _loader, tr in self.tracks():
@@ -349,11 +377,14 @@ class Runtime:
         if not any(not p.done for p in positions) and got["rng"] is not None:
             state.restore_rng(got["rng"])
             self.rng_to_restore = None
+        self._prune_newer(step)
+        _say(f"restored step {step} from {origin}")
+
+    def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:
             for newer in local_tier.steps(self.root):
                 if newer > step:
                     local_tier.prune_step(self.root, newer)
-        _say(f"restored step {step} from {origin}")
 
     def _agree_local(self, dist: Any) -> tuple[int | None, dict[str, Any] | None]:
         """The newest local step whose files verify on every rank, and this rank's copy of it.
@@ -408,8 +439,38 @@ class Runtime:
         _step, replicated, rng = got
         return {"state": replicated, "rng": rng}
 
+    # transformers.Trainer (hf.py) ---------------------------------------------------------
+    say = staticmethod(_say)
+
+    def trainer_resume(self, trainer: Any) -> Path | None:
+        """Restore (once) and, when the checkpoint is a Trainer's, write Trainer's folder."""
+        if not self.restore_done:
+            self.restore()
+        got, self.trainer_checkpoint = self.trainer_checkpoint, None
+        if got is None:
+            return None
+        return hf.write_resume_folder(trainer, got, self.root / f".trainer-resume-{self.rank()}")
+
+    def trainer_begin(self, trainer: Any) -> None:
+        self.restore_done = True
+        self.trainer = weakref.ref(trainer)
+
+    def trainer_end(self) -> None:
+        self.trainer = None
+
+    def trainer_step_end(self, global_step: int, evaluating: bool) -> None:
+        """Trainer's on_step_end: the step boundary while Trainer.train() runs."""
+        self.step = global_step
+        if evaluating:  # evaluation draws random numbers after this: the next step's end is it
+            self.force = self.force or self._due()
+            return
+        self.pending = True
+        self.boundary()
+
     # data loader -------------------------------------------------------------------------
     def loader_iter(self, loader: DataLoader, original: Any) -> Any:
+        if self.trainer is not None:
+            return original(loader)  # Trainer's loop: its own data position (hf.py)
         track: data.LoaderTrack | None = loader.__dict__.get("_lattice_track")
         if track is None:
             track = data.LoaderTrack(index=len(self.loaders))
@@ -481,6 +542,8 @@ def activate() -> Runtime | None:
     rt = Runtime(root, os.environ.get(protocol.ENV_CONTROL_FILE), every)
     _RUNTIME = rt
     _patch_torch(rt)
+    if "transformers" in autopatch_parts(dict(os.environ)):
+        hf.install(rt)
     atexit.register(rt.queue.join)  # let in-flight writes finish when the script ends
     return rt
 
@@ -520,3 +583,29 @@ def _patch_torch(rt: Runtime) -> None:
 
     DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
     data.patch_samplers()
+    _patch_ddp_teardown()
+
+
+DDP_TEARDOWN_YIELD_S = 0.2
+
+
+def _patch_ddp_teardown() -> None:
+    """Let gloo's threads finish before DDP's Reducer joins them.
+
+    A finished collective's work is dropped by gloo's worker thread, and dropping it releases
+    its tensors' Python objects, which needs the GIL. When DDP is freed (typically as the
+    script's ``main()`` returns) its Reducer destroys the process group, joining those threads
+    while holding the GIL: if one still has a work to drop, the process hangs for ever
+    (pytorch#56297; seen at the end of jobs on a loaded machine). Yielding the GIL for a moment
+    before the Reducer goes lets the threads drop what they hold.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "__del__" in DistributedDataParallel.__dict__:
+        return
+
+    def __del__(self: Any) -> None:
+        if "reducer" in self.__dict__:
+            time.sleep(DDP_TEARDOWN_YIELD_S)
+
+    DistributedDataParallel.__del__ = __del__  # type: ignore[attr-defined]

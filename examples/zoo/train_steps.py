@@ -1,0 +1,43 @@
+"""Step-count loop: ``step = 0; while step < N: for batch in loader: ...; step += 1``.
+
+Single process, shuffled DataLoader, dropout, Adam; the loop ends after N optimizer steps, in
+the middle of a pass. Unmodified: knows nothing about Lattice.
+
+Under the addon this loop is NOT resumed exactly (docs/addon.md, "Not supported"): ``step`` is
+a local of this function, restarted at 0 by a new process, so the restored run makes N more
+steps. It is in the zoo to pin that behaviour down (tests/integration/addon).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from _zoo import IdDataset, log_batch, save_params
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    steps = int(os.environ.get("ZOO_STEPS", "30"))
+    step = 0
+    while step < steps:
+        for ids, x, y in loader:
+            log_batch(0, step, ids)
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    save_params(model)
+
+
+if __name__ == "__main__":
+    main()
