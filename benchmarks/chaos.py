@@ -389,6 +389,12 @@ class Up:
         obj = self.api("GET", f"/v1/trainingjobs/{NAMESPACE}/{name}")
         return (obj or {}).get("status") or {}
 
+    def job_id(self, name: str) -> str:
+        """The job's id (rendezvous, token and checkpoint scope): it carries the store's uid."""
+        from lattice.api import parse_job
+
+        return parse_job(self.api("GET", f"/v1/trainingjobs/{NAMESPACE}/{name}")).job_id
+
     def workers(self, name: str) -> list[dict[str, Any]]:
         found = self.api("GET", f"/v1/trainingjobs/{NAMESPACE}/{name}/describe")
         return (found or {}).get("workers") or []
@@ -443,14 +449,15 @@ class Chaos:
         self.rng = random.Random(settings.seed)
         self.home = (settings.home or Path(tempfile.mkdtemp(prefix="lattice-chaos-"))).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
-        self.name = f"soak-{os.urandom(3).hex()}"  # /dev/shm's node-local tier is keyed by job
-        self.job_id = f"{NAMESPACE}-{self.name}"
+        self.name = f"soak-{os.urandom(3).hex()}"
+        self.job_id = ""  # TrainingJob.job_id (with the uid the store gives it), once applied
         self.ledger_dir = self.home / "ledger"
         self.stop_file = self.home / "stop"
         self.ledger = Ledger(self.ledger_dir)
         self.up = Up(self.home, settings)
         self.faults: list[dict[str, Any]] = []
         self.rivals: list[str] = []
+        self.rival_ids: list[str] = []
         self.slots = settings.slots
         self.pod_pids: set[int] = set()
         self.verified: set[int] = set()
@@ -610,6 +617,7 @@ class Chaos:
             fault["t"] = time.time()
             self.up.cli("apply", "-f", "-", stdin=doc)
             self.rivals.append(name)
+            self.rival_ids.append(self.up.job_id(name))
             fault["detail"] = f"applied {name} (minSize 1)"
         else:
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -669,7 +677,7 @@ class Chaos:
 
     def run(self) -> dict[str, Any]:
         kinds = list(self.s.kinds) if self.s.kinds else schedule(self.s.faults, self.s.seed)
-        self.say(f"home {self.home}, job {self.job_id}, seed {self.s.seed}: {' '.join(kinds)}")
+        self.say(f"home {self.home}, job {self.name}, seed {self.s.seed}: {' '.join(kinds)}")
         phase = "?"
         up_code: int | None = None
         try:
@@ -681,6 +689,7 @@ class Chaos:
                 max_size=self.s.slots,
             )
             self.up.cli("apply", "-f", "-", stdin=doc)
+            self.job_id = self.up.job_id(self.name)
             ok = self.wait(
                 lambda: self.poll().get("phase") == "Running" and self.ledger.records,
                 self.s.start_bound_s,
@@ -748,8 +757,9 @@ class Chaos:
             self.say(f"processes left behind: {left}")
         shm = Path("/dev/shm/lattice") / self.job_id
         shm_left = shm.is_dir() and any(p.is_file() for p in shm.rglob("*"))  # files, not dirs
-        for job in [self.name, *self.rivals]:
-            shutil.rmtree(Path("/dev/shm/lattice") / f"{NAMESPACE}-{job}", ignore_errors=True)
+        for job_id in [self.job_id, *self.rival_ids]:
+            if job_id:
+                shutil.rmtree(Path("/dev/shm/lattice") / job_id, ignore_errors=True)
         return self.summary(phase, up_code, left, rival_phases, shm_left)
 
     def summary(

@@ -507,7 +507,10 @@ class Agent:
             log.debug("leave failed: %s", exc)
 
     def _remove_local_tier(self) -> None:
-        shutil.rmtree(local_ckpt_dir(self.opts.job, self.opts.node_id), ignore_errors=True)
+        node_dir = local_ckpt_dir(self.opts.job, self.opts.node_id)
+        shutil.rmtree(node_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the job's dir, once its last node has gone
+            node_dir.parent.rmdir()
 
     async def _shutdown(
         self, client: RendezvousClient | None, embedded: EmbeddedRendezvous | None

@@ -117,8 +117,16 @@ class TrainingJob(ClosedModel):
 
     @property
     def job_id(self) -> str:
-        """``namespace-name``: the rendezvous id and checkpoint scope of this job."""
-        return f"{self.metadata.namespace}-{self.metadata.name}"
+        """``namespace.name[.uid8]``: the rendezvous id, token scope and checkpoint scope.
+
+        Unambiguous: a namespace has no dots, so ``a-b``/``c`` and ``a``/``b-c`` (the same
+        ``namespace-name``) stay apart. The first 8 hex digits of the object's uid, where it has
+        one (Kubernetes and the local store always give one), keep a job deleted and created
+        again under the same name from restoring the old one's checkpoints.
+        """
+        base = f"{self.metadata.namespace}.{self.metadata.name}"
+        uid = "".join(c for c in (self.metadata.uid or "").lower() if c in "0123456789abcdef")
+        return f"{base}.{uid[:8]}" if uid else base
 
     @property
     def training_container(self) -> Container:

@@ -61,7 +61,7 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
         job,
         rendezvous_endpoint=rendezvous.endpoint,
         checkpoint_endpoint=checkpoint_service.endpoint,
-        job_id="team-resnet",
+        job_id=job.job_id,
     )
     owner = {
         "apiVersion": api,
@@ -113,18 +113,18 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
     assert secret is not None and secret["metadata"]["ownerReferences"] == [owner]
     token = base64.b64decode(secret["data"]["token"]).decode()
     caller = Authenticator(admin_token).identify(token)
-    assert caller is not None and not caller.admin and caller.job == "team-resnet"
+    assert caller is not None and not caller.admin and caller.job == job.job_id
 
     stored = kube.get(api, "trainingjobs", "team", "resnet")
     assert FINALIZER in stored["metadata"]["finalizers"]
     async with AdminClient(rendezvous.endpoint, admin_token) as admin:
-        assert (await admin.job_status("team-resnet"))["target"] == 3
+        assert (await admin.job_status(job.job_id))["target"] == 3
     reasons = {e["reason"] for e in kube.list("v1", "events", "team")}
     assert {"Admitted", "Pending"} <= reasons
 
     # a checkpoint the workers commit (with the job token) shows in the status
     def commit() -> None:
-        with CheckpointClient(checkpoint_service.endpoint, "team-resnet", token) as client:
+        with CheckpointClient(checkpoint_service.endpoint, job.job_id, token) as client:
             client.commit(120, {"model": client.put_shard(120, "model", b"weights")}, {})
 
     await asyncio.to_thread(commit)

@@ -7,6 +7,7 @@ import pytest
 from fake_kube_api import FakeKube
 from k8s_testing import Operators, job_manifest, until
 
+from lattice.api import parse_job
 from lattice.common.http import BackgroundService
 from lattice.operator.core import LABEL_JOB
 from lattice.operator.kubernetes.children import FINALIZER
@@ -63,15 +64,17 @@ async def test_delete_releases_target_stops_workers_and_drops_finalizer(
     kube.create(EXABITS, "trainingjobs", manifest)
     await operators.start()
     await until(lambda: _status(kube, "gone").get("phase") == "Running", what="Running")
+    job_id = parse_job(kube.get(EXABITS, "trainingjobs", "team", "gone")).job_id
+    assert job_id.startswith("team.gone.")
     async with AdminClient(rendezvous.endpoint, admin_token) as admin:
-        assert (await admin.job_status("team-gone"))["target"] == 2
+        assert (await admin.job_status(job_id))["target"] == 2
 
         kube.delete(EXABITS, "trainingjobs", "team", "gone")  # held by the finalizer
         await until(
             lambda: kube.get(EXABITS, "trainingjobs", "team", "gone") is None,
             what="the finalizer to be removed",
         )
-        assert (await admin.job_status("team-gone"))["target"] is None
+        assert (await admin.job_status(job_id))["target"] is None
     operator_deletes = {(n, g) for p, _, n, g in kube.deletions if p == "pods"}
     if policy == "Running":  # stopped by the operator, gracefully (checkpoint on SIGTERM)
         assert operator_deletes == {("gone-worker-0", None), ("gone-worker-1", None)}

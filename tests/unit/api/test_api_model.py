@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lattice.api import API_VERSIONS, TrainingJob, load_documents, parse_job
+from lattice.common.http import valid_job_id
 
 DOC = """
 apiVersion: "exabits.ai/v1"
@@ -30,7 +31,7 @@ def test_documented_yaml_loads_verbatim_under_both_groups(api_version: str) -> N
     assert job.group == api_version.split("/")[0]
     assert (job.spec.min_size, job.spec.max_size) == (1, 3)
     assert job.key == "lattice/example-job"
-    assert job.job_id == "lattice-example-job"
+    assert job.job_id == "lattice.example-job"
     assert job.training_container.command == ["python", "-u", "main.py"]
     assert job.training_container.image == "exabits/lattice-resnet"
 
@@ -56,7 +57,7 @@ def test_optional_fields_default_like_earlier_releases() -> None:
 def test_namespace_defaults_to_default() -> None:
     (job,) = load_documents(DOC.replace(", namespace: lattice", ""))
     assert job.namespace == "default"
-    assert job.job_id == "default-example-job"
+    assert job.job_id == "default.example-job"
 
 
 FULL = """
@@ -169,3 +170,19 @@ def test_cpu_resource_unit_rounds_fractional_requests_up() -> None:
 def test_api_versions_constant() -> None:
     assert API_VERSIONS == ("exabits.ai/v1", "breezeml.ai/v1")
     assert TrainingJob.model_fields["api_version"].alias == "apiVersion"
+
+
+def test_job_id_is_unambiguous_and_names_the_instance() -> None:
+    def job(ns: str, name: str, uid: str | None = None):  # type: ignore[no-untyped-def]
+        (j,) = load_documents(DOC.replace("example-job", name).replace("lattice\n", ns + "\n"))
+        obj = j.to_dict()
+        obj["metadata"].update(namespace=ns, **({"uid": uid} if uid else {}))
+        return parse_job(obj)
+
+    # namespace-name would give "a-b-c" for both; a namespace has no dots, so these differ.
+    assert job("a-b", "c").job_id != job("a", "b-c").job_id
+    first = job("team", "bert", "6F1C2D3E-aaaa-bbbb-cccc-000000000000")
+    again = job("team", "bert", "0b5e9a11-aaaa-bbbb-cccc-000000000000")
+    assert first.job_id == "team.bert.6f1c2d3e"
+    assert first.job_id != again.job_id  # re-created under the same name: not the same data
+    assert valid_job_id(first.job_id)

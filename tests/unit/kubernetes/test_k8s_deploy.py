@@ -222,4 +222,3 @@ def test_dockerfile_is_non_root_with_the_pinned_torch() -> None:
         if line and not line.startswith("#")
     ]
     assert ignore[0] == "*" and "!src/" in ignore
-

@@ -36,7 +36,7 @@ def test_starts_the_whole_gang_at_the_allocation() -> None:
         "demo-worker-1",
         "demo-worker-2",
     ]
-    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice-demo", 3)]
+    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice.demo", 3)]
     # The target goes to the rendezvous before any worker exists.
     assert isinstance(actions[0], SetRendezvousTarget)
     st = world.status
@@ -72,7 +72,7 @@ def test_grow_creates_the_next_indexes_and_reports_resizing() -> None:
     world.now += 100
     actions = world.step(4)
     assert [a.name for a in of(actions, CreateWorker)] == ["demo-worker-2", "demo-worker-3"]
-    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice-demo", 4)]
+    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice.demo", 4)]
     assert world.status.phase == "Resizing"
     assert world.status.last_resize_time == utc(world.now)
     assert "Resized" in reasons(world)
@@ -89,7 +89,7 @@ def test_shrink_deletes_highest_indexes_gracefully() -> None:
         DeleteWorker("demo-worker-3", graceful=True),
         DeleteWorker("demo-worker-2", graceful=True),
     ]
-    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice-demo", 2)]
+    assert of(actions, SetRendezvousTarget) == [SetRendezvousTarget("lattice.demo", 2)]
     assert world.names() == ["demo-worker-0", "demo-worker-1"]
     assert world.status.target_size == 2
 
@@ -434,6 +434,7 @@ def test_rounds_that_failed_inside_the_pods_count_as_restarts_once() -> None:
 
     observe(2)
     assert world.status.restarts == 2
+    assert world.status.worker_error == "rank 1 exited 1"
     failed_events = [e for e in world.events if e.reason == "RoundFailed"]
     assert len(failed_events) == 1 and "rank 1 exited 1" in failed_events[0].message
     observe(2)  # the same count again: nothing new

@@ -14,7 +14,7 @@ def command(**spec: object) -> list[str]:
         make_job(**spec),
         rendezvous_endpoint="rdzv.lattice:29400",
         checkpoint_endpoint="ckpt.lattice:29500",
-        job_id="lattice-demo",
+        job_id="lattice.demo",
     )
 
 
@@ -29,7 +29,7 @@ def test_wraps_the_user_command_in_lattice_run() -> None:
         "--rdzv-endpoint",
         "rdzv.lattice:29400",
         "--rdzv-id",
-        "lattice-demo",
+        "lattice.demo",
         "--max-restarts",
         "6",
         "--checkpoint-endpoint",
@@ -46,7 +46,7 @@ def test_the_agent_accepts_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
     cmd = command(minSize=2, maxSize=5, nprocPerNode=3, runPolicy={"backoffLimit": 2})
     opts = parse_run_args(cmd[2:])
     assert (opts.min_nodes, opts.max_nodes, opts.nproc) == (2, 5, 3)
-    assert opts.endpoint == "rdzv.lattice:29400" and opts.job == "lattice-demo"
+    assert opts.endpoint == "rdzv.lattice:29400" and opts.job == "lattice.demo"
     assert opts.checkpoint_endpoint == "ckpt.lattice:29500"
     assert opts.max_restarts == 2
     assert opts.no_python and opts.script == "python"
@@ -59,7 +59,7 @@ def test_args_follow_the_command_and_no_checkpoint_endpoint_is_left_out() -> Non
     obj["spec"]["replicaSpecs"]["template"]["spec"]["containers"][0]["args"] = ["--lr", "0.1"]
     job = type(job).model_validate(obj)
     cmd = worker_command(
-        job, rendezvous_endpoint="r:1", checkpoint_endpoint=None, job_id="lattice-demo"
+        job, rendezvous_endpoint="r:1", checkpoint_endpoint=None, job_id="lattice.demo"
     )
     assert "--checkpoint-endpoint" not in cmd
     assert cmd[-6:] == ["--no-python", "python", "-u", "main.py", "--lr", "0.1"]

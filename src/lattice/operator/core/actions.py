@@ -48,7 +48,7 @@ class DeleteWorker:
 @dataclass(frozen=True)
 class SetRendezvousTarget:
     """Tell the rendezvous service the job's target size, so a round closes once that many
-    nodes joined (``job`` is the rendezvous id, ``namespace-name``)."""
+    nodes joined (``job`` is the rendezvous id, `TrainingJob.job_id`)."""
 
     job: str
     size: int

@@ -160,6 +160,8 @@ class _Pass:
             new = seen - st.round_failures_seen
             st.restarts += new
             detail = f": {rnd.last_failure}" if rnd.last_failure else ""
+            if rnd.last_failure:
+                st.worker_error = rnd.last_failure
             self._event(
                 "Warning",
                 "RoundFailed",

@@ -228,8 +228,8 @@ class ControlPlane:
         if pods:
             return
         assert self.rendezvous is not None
-        job_id = f"{raw['metadata']['namespace']}-{raw['metadata']['name']}"
-        await self.rendezvous.set_target(job_id, None)
+        with contextlib.suppress(UserError):  # never valid: it never had a target
+            await self.rendezvous.set_target(parse_job(raw).job_id, None)
         self.store.remove(key)
         log.info("trainingjob %s deleted", key)
 
