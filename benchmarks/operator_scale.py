@@ -14,8 +14,9 @@ for Lattice's elastic allocation and, on the same workload in the same run, for 
 alternative: every job a fixed gang of ``maxSize`` workers (a PyTorchJob without elasticity),
 admitted in the same priority order with backfill, never resized.
 
-Sections are functions ``(args) -> dict`` in ``SECTIONS``; more can be added (e.g. real jobs on
-the local control plane) and chosen with ``--section``.
+Section ``local`` (`_local_jobs.py`) applies 50 real tiny jobs at once to a real `lattice up`
+with 8 slots: time from apply to Running, utilisation while oversubscribed, time to drain.
+Sections are functions ``(args) -> dict`` in ``SECTIONS``, chosen with ``--section``.
 
     python benchmarks/operator_scale.py                 # 500 jobs, 256 slots
     python benchmarks/operator_scale.py --quick         # 120 jobs, 64 slots
@@ -35,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from _local_jobs import local_section
 from lattice.api import TrainingJob
 from lattice.api.status import utc
 from lattice.operator.core import (
@@ -293,7 +295,10 @@ def pure_section(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"pure": pure_section}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "pure": pure_section,
+    "local": local_section,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,10 +311,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--restart-s", type=float, default=30.0, help="pause per resize/failure")
     p.add_argument("--fail-per-worker-hour", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="120 jobs on 64 slots")
+    p.add_argument("--quick", action="store_true", help="120 jobs on 64 slots; 12 local jobs")
+    p.add_argument("--local-jobs", type=int, default=50, help="section local: real jobs")
+    p.add_argument("--local-slots", type=int, default=8)
+    p.add_argument("--local-work-s", type=float, default=5.0, help="each worker sleeps this long")
+    p.add_argument("--local-bound-s", type=float, default=900.0)
     args = p.parse_args(argv)
     if args.quick:
         args.jobs, args.slots, args.arrival_span_h = 120, 64, 8.0
+        args.local_jobs, args.local_slots = 12, 4
     report: dict[str, Any] = {"benchmark": "operator_scale"}
     for name in args.section or list(SECTIONS):
         report[name] = SECTIONS[name](args)

@@ -13,10 +13,15 @@ Scenarios:
                        counts from its launch, `pause_s` is the training pause it causes
   rdzv_loss            the rendezvous service is killed -9 and restarted on the same port:
                        recovered = steps keep coming; `restarted` says if a new group formed
+  steps_lost           kill -9 one worker, --nnodes 2:2, with checkpoints: torchrun runs the
+                       script's own checkpointing (`--checkpoint`, every 10 steps, as torch's
+                       docs suggest), Lattice the addon (no script change, automatic interval).
+                       `steps_lost` = last step completed before the kill - step resumed from
 
 Both systems use an external rendezvous service so that it can be lost on its own: for torchrun
 a TCPStore server process (`--rdzv-backend c10d --rdzv-conf is_host=0`), for Lattice
-`lattice rendezvous serve`. Lattice runs with LATTICE_AUTOPATCH=none (plain DDP, as torchrun).
+`lattice rendezvous serve`. Lattice runs with LATTICE_AUTOPATCH=none (plain DDP, as torchrun)
+except in `steps_lost`.
 
     python benchmarks/recovery.py --trials 5            # full run
     python benchmarks/recovery.py --quick               # one trial each, short bound
@@ -48,7 +53,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "examples" / "ddp_train.py"
 PYTHON = sys.executable
-SCENARIOS = ("worker_kill_elastic", "worker_kill_fixed", "node_loss", "scale_up", "rdzv_loss")
+SCENARIOS = (
+    "worker_kill_elastic",
+    "worker_kill_fixed",
+    "node_loss",
+    "scale_up",
+    "rdzv_loss",
+    "steps_lost",
+)
+RESTORED_RE = re.compile(r"lattice addon: restored step (\d+)")
+SAVE_EVERY = 10  # torchrun's arm: the script saves this often
 STEP_RE = re.compile(
     r"STEP step=(\d+) rank=(\d+) world=(\d+) round=(\S+) restart=(\S+) pid=(\d+) t=([\d.]+)"
 )
@@ -122,7 +136,11 @@ class Cluster:
     system: str
     workdir: Path
     nnodes: str
+    checkpoint: bool = False  # steps_lost: the script's checkpoints (torchrun) / the addon
     port: int = field(default_factory=free_port)
+    # A fresh job id per trial: the addon's node-local tier is keyed by it, and a trial must
+    # not restore the state an earlier trial left behind.
+    job: str = field(default_factory=lambda: f"bench-{secrets.token_hex(4)}")
     token: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     agents: dict[str, Agent] = field(default_factory=dict)
     service: subprocess.Popen[bytes] | None = None
@@ -177,12 +195,17 @@ class Cluster:
             "--rdzv-endpoint",
             f"127.0.0.1:{self.port}",
             "--rdzv-id",
-            "bench",
+            self.job,
             "--max-restarts",
             "100",
         ]
         script = [str(SCRIPT), "--steps", "1000000", "--step-time", "0.05"]
         env = {**os.environ, "LATTICE_AUTOPATCH": "none", "OMP_NUM_THREADS": "1"}
+        if self.checkpoint and self.system == "torchrun":
+            ckpt = str(self.workdir / "ckpt.pt")
+            script += ["--checkpoint", ckpt, "--save-every", str(SAVE_EVERY)]
+        elif self.checkpoint:
+            del env["LATTICE_AUTOPATCH"]  # the default: the addon checkpoints and restores
         if self.system == "torchrun":
             cmd = [
                 PYTHON,
@@ -273,9 +296,9 @@ def warmed_up(world: int, min_steps: int, min_s: float) -> Callable[[list[Step]]
 def run_trial(
     system: str, scenario: str, bound: float, warmup_steps: int, warmup_s: float, keep: Path | None
 ) -> dict[str, object]:
-    nnodes = "2:2" if scenario == "worker_kill_fixed" else "1:3"
+    nnodes = "2:2" if scenario in ("worker_kill_fixed", "steps_lost") else "1:3"
     with tempfile.TemporaryDirectory(prefix=f"recovery-{system}-") as tmp:
-        cluster = Cluster(system, Path(tmp), nnodes)
+        cluster = Cluster(system, Path(tmp), nnodes, checkpoint=scenario == "steps_lost")
         try:
             cluster.start_service()
             cluster.start_agent("a")
@@ -286,7 +309,7 @@ def run_trial(
             victim_pid = max((s for s in cluster.steps() if s.agent == "b"), key=lambda s: s.t).pid
             fault = time.time()
             expected_world = 2
-            if scenario.startswith("worker_kill"):
+            if scenario.startswith("worker_kill") or scenario == "steps_lost":
                 os.kill(victim_pid, signal.SIGKILL)
             elif scenario == "node_loss":
                 cluster.kill_agent("b")
@@ -317,18 +340,35 @@ def run_trial(
                 key=lambda s: s.t,
             )
             last_old = max(s.t for s in cluster.steps() if s.pid in before)
-            return {
+            result: dict[str, object] = {
                 "recovered": True,
                 "seconds": round(first.t - fault, 3),
                 "pause_s": round(first.t - last_old, 3),  # no step completed in between
                 "restart_count": first.restart,
                 "round": first.round,
             }
+            if scenario == "steps_lost":
+                result.update(_steps_lost(cluster, before, first))
+            return result
         finally:
             cluster.teardown()
             if keep is not None:
                 dest = keep / f"{scenario}-{system}-{int(time.time() * 1000)}"
                 shutil.copytree(tmp, dest)
+
+
+def _steps_lost(cluster: Cluster, before: set[int], first: Step) -> dict[str, object]:
+    """Steps completed before the kill that the re-formed group has to do again."""
+    last_step = max(s.step for s in cluster.steps() if s.pid in before)
+    if cluster.system == "torchrun":
+        resumed = first.step - 1  # the script resumes after the step it saved
+    else:  # the script's own counter restarts at 0; the addon says which step it restored
+        text = "".join(a.out.read_text(errors="replace") for a in cluster.agents.values())
+        found = [int(n) for n in RESTORED_RE.findall(text)]
+        if not found:
+            return {"steps_lost": None, "last_step": last_step, "resumed_from": 0}
+        resumed = max(found)
+    return {"steps_lost": last_step - resumed, "last_step": last_step, "resumed_from": resumed}
 
 
 def _rdzv_loss_result(
@@ -364,6 +404,10 @@ def summarise(trials: list[dict[str, object]], bound: float) -> dict[str, object
         "median_s": round(statistics.median(times), 3) if times else None,
         "max_s": round(max(times), 3) if times else None,
         "median_pause_s": _median([t.get("pause_s") for t in trials]),
+        "median_steps_lost": _median([t.get("steps_lost") for t in trials]),
+        "max_steps_lost": max(
+            (int(v) for t in trials if isinstance(v := t.get("steps_lost"), int)), default=None
+        ),
         "bound_s": bound,
         "runs": trials,
     }

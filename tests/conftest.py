@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,3 +35,20 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
         }:
             monkeypatch.delenv(key, raising=False)
     yield dict(os.environ)
+
+
+@pytest.fixture(autouse=True)
+def _no_node_local_checkpoints_left() -> Iterator[None]:
+    """Remove the node-local checkpoint dirs (memory, in /dev/shm) a test's jobs left behind.
+
+    Jobs that fail or are killed keep them on purpose (a restarted job restores from there);
+    between tests they would leak memory and let a later test with the same job id restore
+    an earlier test's state.
+    """
+    from lattice.agent.env import local_ckpt_dir
+
+    root = local_ckpt_dir("probe", "-").parent.parent
+    before = set(root.iterdir()) if root.is_dir() else set()
+    yield
+    for path in (set(root.iterdir()) if root.is_dir() else set()) - before:
+        shutil.rmtree(path, ignore_errors=True)

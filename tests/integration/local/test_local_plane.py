@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 
+from lattice.agent.env import local_ckpt_dir
+from lattice.api import parse_job
+
 REPO = Path(__file__).resolve().parents[3]
 LATTICE = [sys.executable, "-m", "lattice"]
 PIDS = re.compile(r"round (\d+): ranks .* pids ([\d,]+)")
@@ -200,8 +203,11 @@ def test_job_runs_to_success_and_every_command_shows_it(plane: Plane) -> None:
     logs = plane.ok("logs", "tiny")
     assert "STEP step=30" in logs and "DONE" in logs
     assert plane.ok("get", "tj", "-o", "name").strip() == "trainingjob/tiny"
+    job_id = parse_job(obj).job_id
+    assert job_id.startswith("default.tiny.")  # the store's uid names this instance
     assert plane.ok("delete", "trainingjob", "tiny").strip() == 'trainingjob "tiny" deleted'
     plane.wait(lambda: "No resources" in plane.cli("get", "tj").stderr, 60, "tiny to be removed")
+    assert not local_ckpt_dir(job_id, "-").parent.exists(), "node-local checkpoints go too"
 
 
 def test_invalid_document_is_refused_naming_the_field_and_stores_nothing(plane: Plane) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
+from lattice.agent.env import local_ckpt_dir
 from lattice.api import TrainingJob, parse_job
 from lattice.common.auth import job_token
 from lattice.common.errors import UserError
@@ -229,7 +231,11 @@ class ControlPlane:
             return
         assert self.rendezvous is not None
         with contextlib.suppress(UserError):  # never valid: it never had a target
-            await self.rendezvous.set_target(parse_job(raw).job_id, None)
+            job_id = parse_job(raw).job_id
+            await self.rendezvous.set_target(job_id, None)
+            # Its node-local checkpoints (in /dev/shm: memory) go with it; the checkpoint
+            # service keeps its durable ones under their own retention.
+            shutil.rmtree(local_ckpt_dir(job_id, "-").parent, ignore_errors=True)
         self.store.remove(key)
         log.info("trainingjob %s deleted", key)
 
