@@ -245,9 +245,12 @@ def describe(resource: str, name: str, namespace: str | None, home: Path | None)
     obj, status = found["object"], found["object"].get("status") or {}
     meta, spec = obj["metadata"], obj["spec"]
     container = spec["replicaSpecs"]["template"]["spec"]["containers"][0]
+    from lattice.api import parse_job
+
     lines = [
         f"Name:         {meta['name']}",
         f"Namespace:    {meta['namespace']}",
+        f"Job ID:       {parse_job(obj).job_id}  (rendezvous id, checkpoint scope)",
         f"API Version:  {obj['apiVersion']}",
         f"Created:      {meta.get('creationTimestamp', '-')}",
         f"Size:         {status.get('size', 0)} (target {status.get('targetSize', 0)}, "

@@ -205,6 +205,7 @@ def test_job_runs_to_success_and_every_command_shows_it(plane: Plane) -> None:
     assert plane.ok("get", "tj", "-o", "name").strip() == "trainingjob/tiny"
     job_id = parse_job(obj).job_id
     assert job_id.startswith("default.tiny.")  # the store's uid names this instance
+    assert f"Job ID:       {job_id}" in described
     assert plane.ok("delete", "trainingjob", "tiny").strip() == 'trainingjob "tiny" deleted'
     plane.wait(lambda: "No resources" in plane.cli("get", "tj").stderr, 60, "tiny to be removed")
     assert not local_ckpt_dir(job_id, "-").parent.exists(), "node-local checkpoints go too"
