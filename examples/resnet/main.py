@@ -76,6 +76,7 @@ def main() -> None:
     data = synthetic_images(samples)
     sampler = DistributedSampler(data, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=batch, sampler=sampler)
+    loss = torch.tensor(float("nan"))  # a run resumed after its last step trains no batch
     round_ = os.environ.get("LATTICE_ROUND", "-")
     if rank == 0:
         print(f"start world={world} round={round_} epochs={epochs} samples={samples}", flush=True)
@@ -98,6 +99,7 @@ def main() -> None:
         scheduler.step()
     if rank == 0:
         print(f"done world={world} round={round_} final_loss={loss.item():.4f}", flush=True)
+    del model  # free DDP before its process group (see examples/ddp_train.py)
     dist.destroy_process_group()
 
 

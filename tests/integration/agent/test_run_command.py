@@ -25,6 +25,11 @@ def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.Complete
     )
     try:
         out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate(timeout=30)
+        tail = f"{out[-3000:]}{err[-3000:]}"
+        raise AssertionError(f"lattice run {args} hung for {timeout} s:\n{tail}") from None
     finally:
         kill_tree(proc.pid)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
