@@ -51,6 +51,8 @@ from typing import Any
 
 import httpx
 
+from lattice.agent.env import local_job_dir
+
 BENCH = Path(__file__).resolve().parent
 LATTICE = [sys.executable, "-m", "lattice"]
 NAMESPACE = "chaos"
@@ -755,11 +757,11 @@ class Chaos:
         left = sorted({p for p in suspects if alive(p)} | processes_with_env(marker))
         if leftovers is False and left:
             self.say(f"processes left behind: {left}")
-        shm = Path("/dev/shm/lattice") / self.job_id
+        shm = local_job_dir(self.job_id)
         shm_left = shm.is_dir() and any(p.is_file() for p in shm.rglob("*"))  # files, not dirs
         for job_id in [self.job_id, *self.rival_ids]:
             if job_id:
-                shutil.rmtree(Path("/dev/shm/lattice") / job_id, ignore_errors=True)
+                shutil.rmtree(local_job_dir(job_id), ignore_errors=True)
         return self.summary(phase, up_code, left, rival_phases, shm_left)
 
     def summary(

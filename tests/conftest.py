@@ -45,9 +45,9 @@ def _no_node_local_checkpoints_left() -> Iterator[None]:
     between tests they would leak memory and let a later test with the same job id restore
     an earlier test's state.
     """
-    from lattice.agent.env import local_ckpt_dir
+    from lattice.agent.env import local_tier_root
 
-    root = local_ckpt_dir("probe", "-").parent.parent
+    root = local_tier_root()
     before = set(root.iterdir()) if root.is_dir() else set()
     yield
     for path in (set(root.iterdir()) if root.is_dir() else set()) - before:

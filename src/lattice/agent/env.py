@@ -72,11 +72,21 @@ def worker_token(token: str | None, job: str) -> str | None:
     return job_token(token, job)
 
 
-def local_ckpt_dir(job: str, node_id: str) -> Path:
-    """Node-local checkpoint tier: shared memory where the machine has it."""
+def local_tier_root() -> Path:
+    """Where every job's node-local checkpoints live: shared memory where the machine has it."""
     shm = Path("/dev/shm")
     base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return base / "lattice" / job / node_id
+    return base / "lattice"
+
+
+def local_job_dir(job: str) -> Path:
+    """One job's node-local checkpoints, every node of it on this machine."""
+    return local_tier_root() / job
+
+
+def local_ckpt_dir(job: str, node_id: str) -> Path:
+    """Node-local checkpoint tier of one node of a job."""
+    return local_job_dir(job) / node_id
 
 
 def autopatch_setting(base: Mapping[str, str]) -> str:

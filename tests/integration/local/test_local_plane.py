@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lattice.agent.env import local_ckpt_dir
+from lattice.agent.env import local_job_dir
 from lattice.api import parse_job
 
 REPO = Path(__file__).resolve().parents[3]
@@ -208,7 +208,7 @@ def test_job_runs_to_success_and_every_command_shows_it(plane: Plane) -> None:
     assert f"Job ID:       {job_id}" in described
     assert plane.ok("delete", "trainingjob", "tiny").strip() == 'trainingjob "tiny" deleted'
     plane.wait(lambda: "No resources" in plane.cli("get", "tj").stderr, 60, "tiny to be removed")
-    assert not local_ckpt_dir(job_id, "-").parent.exists(), "node-local checkpoints go too"
+    assert not local_job_dir(job_id).exists(), "node-local checkpoints go too"
 
 
 def test_invalid_document_is_refused_naming_the_field_and_stores_nothing(plane: Plane) -> None:

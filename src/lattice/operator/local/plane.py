@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lattice.agent.env import local_ckpt_dir
+from lattice.agent.env import local_job_dir
 from lattice.api import TrainingJob, parse_job
 from lattice.common.auth import job_token
 from lattice.common.errors import UserError
@@ -235,7 +235,7 @@ class ControlPlane:
             await self.rendezvous.set_target(job_id, None)
             # Its node-local checkpoints (in /dev/shm: memory) go with it; the checkpoint
             # service keeps its durable ones under their own retention.
-            shutil.rmtree(local_ckpt_dir(job_id, "-").parent, ignore_errors=True)
+            shutil.rmtree(local_job_dir(job_id), ignore_errors=True)
         self.store.remove(key)
         log.info("trainingjob %s deleted", key)
 
