@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +22,6 @@ from typing import Any
 
 import yaml
 
-LATTICE = [sys.executable, "-m", "lattice"]
 TINY = "import os, time; time.sleep(float(os.environ['WORK_S']))\n"
 
 
@@ -65,34 +62,15 @@ def _jobs(n: int, seed: int, work_s: float) -> list[dict[str, Any]]:
 def local_section(args: argparse.Namespace) -> dict[str, Any]:
     """Real jobs through `lattice up`: apply-to-Running, utilisation, time to drain."""
     from lattice.cli.control import Plane
+    from lattice.operator.local.child import UpProcess
 
     home = Path(tempfile.mkdtemp(prefix="lattice-opscale-"))
     image = home / "image"
     image.mkdir()
     (image / "tiny.py").write_text(TINY)
-    up = subprocess.Popen(
-        [
-            *LATTICE,
-            "up",
-            "--slots",
-            str(args.local_slots),
-            "--resize-cooldown",
-            "2",
-            "--image",
-            f"bench/tiny={image}",
-            "--home",
-            str(home),
-        ],
-        stdout=(home / "up.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = UpProcess(home, slots=args.local_slots, images={"bench/tiny": image}, resize_cooldown_s=2)
     try:
-        deadline = time.monotonic() + 60
-        while not (home / "endpoint").exists():
-            if time.monotonic() > deadline or up.poll() is not None:
-                raise RuntimeError(f"lattice up did not start; see {home / 'up.log'}")
-            time.sleep(0.1)
+        up.start()
         plane = Plane(home)
         docs = _jobs(args.local_jobs, args.seed, args.local_work_s)
         demand = sum(d["spec"]["minSize"] for d in docs)
@@ -143,8 +121,4 @@ def local_section(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[local] {out}", file=sys.stderr)
         return out
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            up.kill()
+        up.stop()

@@ -52,9 +52,10 @@ from typing import Any
 import httpx
 
 from lattice.agent.env import local_job_dir
+from lattice.agent.logline import round_pids
+from lattice.operator.local.child import LATTICE, UpFailed, UpProcess
 
 BENCH = Path(__file__).resolve().parent
-LATTICE = [sys.executable, "-m", "lattice"]
 NAMESPACE = "chaos"
 IMAGE = "chaos/train"
 KINDS = (
@@ -70,7 +71,6 @@ KINDS = (
 KILL9 = frozenset({"kill9-train", "kill9-agent", "kill9-upload"})
 PLANNED = frozenset({"sigterm-pod", "slots", "rival"})
 SERVICES = frozenset({"restart-rendezvous", "restart-checkpoint"})
-POD_PIDS = re.compile(r"round \d+: ranks .* pids ([\d,]+)")
 CKPT_ENDPOINT = re.compile(r"--checkpoint-endpoint (\S+)")
 
 
@@ -309,35 +309,22 @@ class Up:
     def __init__(self, home: Path, settings: Settings) -> None:
         self.home = home
         self.settings = settings
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: UpProcess | None = None
         self._http: httpx.Client | None = None
 
     def start(self) -> None:
         s = self.settings
-        self.proc = subprocess.Popen(
-            [
-                *LATTICE,
-                "up",
-                "--slots",
-                str(s.slots),
-                "--resize-cooldown",
-                str(s.resize_cooldown_s),
-                "--worker-grace",
-                str(s.worker_grace_s),
-                "--image",
-                f"{IMAGE}={BENCH}",
-                "--home",
-                str(self.home),
-            ],
-            stdout=(self.home / "up.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.child = UpProcess(
+            self.home,
+            slots=s.slots,
+            images={IMAGE: BENCH},
+            resize_cooldown_s=s.resize_cooldown_s,
+            worker_grace_s=s.worker_grace_s,
         )
-        deadline = time.monotonic() + 60
-        while not (self.home / "endpoint").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise ChaosError(f"lattice up did not start:\n{self.tail()}")
-            time.sleep(0.1)
+        try:
+            self.child.start()
+        except UpFailed as exc:
+            raise ChaosError(str(exc)) from None
         endpoint = (self.home / "endpoint").read_text().strip()
         token = (self.home / "token").read_text().strip()
         self.token = token
@@ -348,23 +335,13 @@ class Up:
         )
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.child is not None and self.child.alive()
 
     def stop(self) -> int | None:
         if self._http is not None:
             self._http.close()
             self._http = None
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(self.settings.worker_grace_s + 40)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        return self.child.stop() if self.child is not None else None
 
     def cli(self, *args: str, stdin: str | None = None) -> str:
         done = subprocess.run(
@@ -406,8 +383,7 @@ class Up:
         return found[-1] if found else None
 
     def tail(self, n: int = 3000) -> str:
-        path = self.home / "up.log"
-        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+        return self.child.tail(n) if self.child is not None else ""
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -745,8 +721,8 @@ class Chaos:
             )
             up_code = self.up.stop()
         self.ledger.poll()
-        for found in POD_PIDS.findall(pod_logs):
-            self.pod_pids.update(int(p) for p in found.split(","))
+        for _round, pids in round_pids(pod_logs):
+            self.pod_pids.update(pids)
         suspects = self.ledger.pids() | self.pod_pids
         marker = f"CHAOS_HOME={self.home}"
         leftovers = self.wait(

@@ -1,10 +1,11 @@
 """Checkpoint overhead of the addon: steps/s with vs without it, stall per checkpoint, restore time.
 
-Trains a >= 50M-parameter MLP with Adam on CPU twice in the same invocation (subprocesses: plain,
-then with the addon under its default policy), then restores the addon's last checkpoint and
-compares with ``torch.load`` of the same state from a local file.
+Trains a >= 50M-parameter MLP with Adam (on CPU, or a GPU with ``--device cuda``) in the same
+invocation without, with, and again without the addon (subprocesses; the addon under its default
+policy), then restores the addon's last checkpoint and compares with ``torch.load`` of the same
+state from a local file.
 
-    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick]
+    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
 """
@@ -24,28 +25,34 @@ REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
 
 
-def train(steps: int, warmup: int, width: int, depth: int) -> None:
+def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: str) -> None:
     """One arm (runs in a subprocess): prints a JSON line with its figures."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)])
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    data = TensorDataset(torch.randn(steps * 8, width))
-    loader = DataLoader(data, batch_size=8)
+    data = TensorDataset(torch.randn(steps * batch, width))
+    loader = DataLoader(data, batch_size=batch)
     t_start = 0.0
     for i, (x,) in enumerate(loader):
         if i == warmup:
+            sync()
             t_start = time.perf_counter()
             from lattice.addon import runtime
 
             before = len(runtime.current().stalls) if runtime.current() else 0
-        loss = model(x).square().mean()
+        loss = model(x.to(device, non_blocking=True)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
+    sync()
     elapsed = time.perf_counter() - t_start
     out = {
         "params": sum(p.numel() for p in model.parameters()),
@@ -100,10 +107,11 @@ def arm(args: argparse.Namespace, addon: bool, tmp: Path) -> dict[str, float]:
         env.update(
             LATTICE_JOB="bench",
             LATTICE_LOCAL_CKPT_DIR=str(tmp / "local"),
+            **({"LATTICE_CHECKPOINT_EVERY": args.every} if args.every else {}),
             PYTHONPATH=os.pathsep.join([str(BOOTSTRAP), str(REPO / "src")]),
         )
-    cmd = [sys.executable, __file__, "--arm", str(args.steps), str(args.warmup)]
-    cmd += [str(args.width), str(args.depth)]
+    figures = [args.steps, args.warmup, args.width, args.depth, args.batch]
+    cmd = [sys.executable, __file__, "--arm", *map(str, figures), "--device", args.device]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
@@ -114,13 +122,17 @@ def arm(args: argparse.Namespace, addon: bool, tmp: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-    parser.add_argument("--arm", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to train on a GPU")
+    parser.add_argument("--steps", type=int, default=None, help="steps per arm (default 300)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--every", default=None, help="LATTICE_CHECKPOINT_EVERY (default: auto)")
+    parser.add_argument("--arm", nargs=5, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
-        train(*args.arm)
+        train(*args.arm, device=args.device)
         return
     args.width, args.depth = 2048, 12  # 50.3M parameters
-    args.steps, args.warmup = (30, 8) if args.quick else (300, 8)
+    args.steps, args.warmup = (30, 8) if args.quick else (args.steps or 300, 8)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d:
         # plain, addon, plain: the machine may be shared, the better plain figure is the baseline
         first = arm(args, addon=False, tmp=Path(d))
@@ -130,6 +142,9 @@ def main() -> None:
     result = {
         "benchmark": "checkpoint_overhead",
         "quick": args.quick,
+        "device": args.device,
+        "batch": args.batch,
+        "every": args.every or "auto",
         "params": plain["params"],
         "steps": args.steps,
         "steps_per_s_without": round(plain["steps_per_s"], 3),

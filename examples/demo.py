@@ -35,9 +35,10 @@ from typing import Any
 
 import yaml
 
+from lattice.agent.logline import round_pids
+from lattice.operator.local.child import LATTICE, UpFailed, UpProcess
+
 ROOT = Path(__file__).resolve().parent.parent
-LATTICE = [sys.executable, "-m", "lattice"]
-PIDS = re.compile(r"round (\d+): ranks .* pids ([\d,]+)")
 RESTORED = re.compile(r"lattice addon: restored step (\d+)")
 
 
@@ -51,7 +52,7 @@ class Demo:
         self.quick = quick
         self.started = time.monotonic()
         self.figures: dict[str, Any] = {}
-        self.up: subprocess.Popen[bytes] | None = None
+        self.up: UpProcess | None = None
 
     # -- the control plane and the CLI -------------------------------------------------
 
@@ -69,25 +70,16 @@ class Demo:
         return done.stdout
 
     def start(self) -> None:
-        log = (self.home / "up.log").open("ab")
-        self.up = subprocess.Popen(
-            [*LATTICE, "up", "--slots", "1", "--resize-cooldown", "2", "--home", str(self.home)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.wait("the control plane to answer", lambda: (self.home / "endpoint").exists(), 60)
+        self.up = UpProcess(self.home, slots=1, resize_cooldown_s=2)
+        try:
+            self.up.start()
+        except UpFailed as exc:
+            raise Failed(str(exc)) from None
         print(f"lattice up: control plane running, home {self.home}", flush=True)
 
     def stop(self) -> None:
-        if self.up is None or self.up.poll() is not None:
-            return
-        self.up.send_signal(signal.SIGTERM)
-        try:
-            self.up.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.up.pid, signal.SIGKILL)
-            self.up.wait(10)
+        if self.up is not None:
+            self.up.stop()
 
     def job(self, name: str) -> dict[str, Any]:
         out = self.lattice("get", "trainingjob", name, "-n", "lattice", "-o", "json", show=False)
@@ -100,8 +92,8 @@ class Demo:
         """Poll ``ready`` until it returns something truthy; fail after ``bound_s``."""
         deadline = time.monotonic() + bound_s
         while time.monotonic() < deadline:
-            if self.up is not None and self.up.poll() is not None:
-                raise Failed(f"lattice up exited ({self.up.returncode}) waiting for {what}")
+            if self.up is not None and not self.up.alive():
+                raise Failed(f"lattice up exited waiting for {what}:\n{self.up.tail()}")
             value = ready()
             if value:
                 return value
@@ -210,10 +202,10 @@ class Demo:
             return None
         if not re.search(r"epoch=\d+ step=\d+ .* world=3", rank0.read_text(errors="replace")):
             return None
-        found = PIDS.findall(path.read_text(errors="replace"))
+        found = round_pids(path.read_text(errors="replace"))
         if not found:
             return None
-        pid = int(found[-1][1].split(",")[0])
+        pid = found[-1][1][0]
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -55,6 +55,19 @@ def _dist() -> Any:
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
+def _all_max(dist: Any, value: int) -> int:
+    """The largest ``value`` over all ranks, on a device the group's backend can reduce.
+
+    A plain ``nccl`` group reduces CUDA tensors only; gloo (and ``cpu:gloo,cuda:nccl``) CPU ones.
+    """
+    device = torch.device("cpu")
+    if str(dist.get_backend()) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def autopatch_parts(env: dict[str, str]) -> set[str]:
     """What ``LATTICE_AUTOPATCH`` names (default ``torch,transformers``; ``none`` → nothing)."""
     setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
@@ -265,9 +278,7 @@ class Runtime:
             interval = max(1, math.ceil(stall / (OVERHEAD_TARGET * max(step_s, 1e-9))))
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
-            t = torch.tensor([interval], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            interval = int(t.item())
+            interval = _all_max(dist, interval)
         self.interval = interval
         self.calibrated = True
         _say(
@@ -289,9 +300,7 @@ class Runtime:
             local = int(protocol.CHECKPOINT_AND_EXIT in text)
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
-            flag = torch.tensor([local], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = int(flag.item())
+            local = _all_max(dist, local)
         return bool(local)
 
     # snapshot ----------------------------------------------------------------------------

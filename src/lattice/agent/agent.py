@@ -32,6 +32,7 @@ from lattice.agent.env import (
     round_env,
 )
 from lattice.agent.failures import KEY_PREFIX, FailureLedger
+from lattice.agent.logline import ROUND_FORMAT
 from lattice.agent.options import RunOptions
 from lattice.agent.output import Sink, drain_all
 from lattice.agent.ports import PortReservation
@@ -320,7 +321,7 @@ class Agent:
         try:
             self._workers = await self._launch(place)
             log.info(
-                "round %d: ranks %d-%d of %d on %d node(s), master %s:%d, pids %s",
+                ROUND_FORMAT,
                 gen,
                 place.rank_offset,
                 place.rank_offset + opts.nproc - 1,

@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +19,11 @@ from typing import Any
 import pytest
 
 from lattice.agent.env import local_job_dir
+from lattice.agent.logline import round_pids
 from lattice.api import parse_job
+from lattice.operator.local.child import LATTICE, UpFailed, UpProcess
 
 REPO = Path(__file__).resolve().parents[3]
-LATTICE = [sys.executable, "-m", "lattice"]
-PIDS = re.compile(r"round (\d+): ranks .* pids ([\d,]+)")
 
 
 def job_yaml(
@@ -67,40 +66,26 @@ class Plane:
     def __init__(self, home: Path, slots: int) -> None:
         self.home = home
         self.slots = slots
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: UpProcess | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                *LATTICE,
-                "up",
-                "--slots",
-                str(self.slots),
-                "--resize-cooldown",
-                "1",
-                "--worker-grace",
-                "10",
-                "--image",
-                f"test/examples={REPO / 'examples'}",
-                "--home",
-                str(self.home),
-            ],
-            stdout=(self.home / "up.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.child = UpProcess(
+            self.home,
+            slots=self.slots,
+            images={"test/examples": REPO / "examples"},
+            resize_cooldown_s=1,
+            worker_grace_s=10,
         )
-        self.wait(lambda: (self.home / "endpoint").exists(), 60, "the control plane")
+        try:
+            self.child.start()
+        except UpFailed as exc:
+            pytest.fail(str(exc))
 
     def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        return self.proc.returncode
+        assert self.child is not None
+        code = self.child.stop()
+        assert code is not None
+        return code
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -126,7 +111,7 @@ class Plane:
     def wait(self, ready: Callable[[], Any], bound_s: float, what: str) -> Any:
         deadline = time.monotonic() + bound_s
         while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
+            if self.child is not None and not self.child.alive():
                 pytest.fail(f"lattice up exited while waiting for {what}\n{self.dump()}")
             value = ready()
             if value:
@@ -191,7 +176,11 @@ def test_job_runs_to_success_and_every_command_shows_it(plane: Plane) -> None:
     assert "unchanged" in plane.ok("apply", "-f", "-", stdin=job_yaml("tiny", command=steps))
     running = plane.phase("tiny", "Running")
     assert 1 <= running["size"] <= 2
+    # What an agent killed with -9 leaves behind: its node-local checkpoints.
+    leftover = local_job_dir(parse_job(plane.get("tiny")).job_id) / "node-killed" / "step-3"
+    leftover.mkdir(parents=True)
     final = plane.phase("tiny", "Succeeded")
+    plane.wait(lambda: not leftover.parent.parent.exists(), 30, "node-local tier released")
     obj = plane.get("tiny")
     assert obj["kind"] == "TrainingJob" and obj["apiVersion"] == "exabits.ai/v1"
     assert final["phase"] == "Succeeded"
@@ -263,10 +252,10 @@ def test_killed_training_process_recovers_and_the_job_succeeds(plane: Plane) -> 
     )
 
     def victim() -> int | None:
-        found = PIDS.findall(plane.worker_log("sturdy-worker-1"))
+        found = round_pids(plane.worker_log("sturdy-worker-1"))
         if not found:
             return None
-        pid = int(found[-1][1].split(",")[0])
+        pid = found[-1][1][0]
         return pid if _alive(pid) and "STEP" in plane.worker_log("sturdy-worker-1") else None
 
     pid = plane.wait(victim, 120, "a training process of sturdy")

@@ -46,6 +46,7 @@ from lattice.operator.core import (
     demand_for,
     reconcile,
 )
+from lattice.operator.core.reconcile import ACTIVE
 from lattice.operator.kubernetes.rendezvous import RendezvousView
 from lattice.operator.local.pods import Pods
 from lattice.operator.local.store import Obj, Store
@@ -112,6 +113,7 @@ class ControlPlane:
         self.rendezvous: RendezvousView | None = None
         self.services: Services | None = None
         self.cycles = 0
+        self._tier_released: set[str] = set()  # job ids whose node-local checkpoints are gone
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -220,7 +222,20 @@ class ControlPlane:
                 config=self.config.reconcile,
             )
             await self._apply(job, actions)
+            if job.current_status().terminal and not any(w.phase in ACTIVE for w in workers):
+                self._release_local_tier(job.job_id)
         self.cycles += 1
+
+    def _release_local_tier(self, job_id: str) -> None:
+        """Drop a finished job's node-local checkpoints (in /dev/shm: memory).
+
+        Its workers clean up after a normal end, but not after one was killed: the leftovers
+        would hold memory until the job is deleted. The checkpoint service keeps the durable
+        copies under their own retention.
+        """
+        if job_id not in self._tier_released:
+            self._tier_released.add(job_id)
+            shutil.rmtree(local_job_dir(job_id), ignore_errors=True)
 
     async def _finalize(self, key: str, raw: Obj) -> None:
         """A deleted job: stop its workers gracefully, release its target, then forget it."""
@@ -233,9 +248,8 @@ class ControlPlane:
         with contextlib.suppress(UserError):  # never valid: it never had a target
             job_id = parse_job(raw).job_id
             await self.rendezvous.set_target(job_id, None)
-            # Its node-local checkpoints (in /dev/shm: memory) go with it; the checkpoint
-            # service keeps its durable ones under their own retention.
-            shutil.rmtree(local_job_dir(job_id), ignore_errors=True)
+            self._tier_released.discard(job_id)
+            shutil.rmtree(local_job_dir(job_id), ignore_errors=True)  # see _release_local_tier
         self.store.remove(key)
         log.info("trainingjob %s deleted", key)
 
