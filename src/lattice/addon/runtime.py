@@ -257,6 +257,10 @@ class Runtime:
                 self._calibrate()
         if self.force or self._due():
             self.force = False
+            if self.mode == "auto" and not self.calibrated and len(self.stalls) == 1:
+                # The second snapshot is the one calibration trusts: let the first one's write
+                # give its buffers back (pinned host memory on a GPU) so this one reuses them.
+                self.queue.join()
             self.snapshot(sync=False)
         self.last_boundary = time.perf_counter()
 
@@ -336,11 +340,12 @@ class Runtime:
                 t0 = time.perf_counter()
                 folder = local_tier.step_dir(self.root, step)
                 for name, obj in files.items():
-                    local_tier.write_file(folder / f"{name}.pt", state.dumps(obj))
+                    local_tier.save(folder / f"{name}.pt", obj)
                 if "state" in files:
                     local_tier.prune(self.root, KEEP)
                 if upload is not None and self.service is not None:
-                    self.service.upload(step, files["state"], upload)
+                    # The bytes just written, not a second serialisation of the state.
+                    self.service.upload(step, (folder / "state.pt").read_bytes(), upload)
                 self.write_s.append(time.perf_counter() - t0)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
@@ -351,11 +356,11 @@ class Runtime:
     def _valid(self, step: int) -> dict[str, Any] | None:
         folder = local_tier.step_dir(self.root, step)
         try:
-            replicated = state.loads(local_tier.read_file(folder / "state.pt"))
+            replicated = local_tier.load(folder / "state.pt")
             rng_path = folder / f"rng-{self.rank()}.pt"
             rng = None
             if self.rank() < int(replicated["world"]) or rng_path.exists():
-                rng = state.loads(local_tier.read_file(rng_path))["rng"]
+                rng = local_tier.load(rng_path)["rng"]
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
             _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None
@@ -612,22 +617,46 @@ DDP_TEARDOWN_YIELD_S = 0.2
 
 
 def _patch_ddp_teardown() -> None:
-    """Let gloo's threads finish before DDP's Reducer joins them.
+    """Keep DDP's teardown from hanging the process at exit (pytorch#56297).
 
-    A finished collective's work is dropped by gloo's worker thread, and dropping it releases
-    its tensors' Python objects, which needs the GIL. When DDP is freed (typically as the
-    script's ``main()`` returns) its Reducer destroys the process group, joining those threads
-    while holding the GIL: if one still has a work to drop, the process hangs for ever
-    (pytorch#56297; seen at the end of jobs on a loaded machine). Yielding the GIL for a moment
-    before the Reducer goes lets the threads drop what they hold.
+    DDP's Reducer holds the process group. When DDP is freed after ``destroy_process_group()``
+    (typically as the script's ``main()`` returns), the Reducer drops the group's last
+    reference with the GIL held, and gloo's destructor joins its worker threads; one that still
+    has a finished work to drop needs the GIL, and the process hangs for ever (seen at the end
+    of jobs on a loaded machine). The fix: ``destroy_process_group()`` first releases the
+    Reducers of the DDP models on that group, while the group is still registered, so the
+    group's last reference is dropped by torch's own teardown, which releases the GIL. A
+    script that never calls it gets the fallback: yielding the GIL for a moment before a
+    Reducer goes lets the threads drop what they hold.
     """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
     from torch.nn.parallel import DistributedDataParallel
 
     if "__del__" in DistributedDataParallel.__dict__:
         return
+    models: list[weakref.ref[Any]] = []
+    _track_init(DistributedDataParallel, models)
 
     def __del__(self: Any) -> None:
         if "reducer" in self.__dict__:
             time.sleep(DDP_TEARDOWN_YIELD_S)
 
     DistributedDataParallel.__del__ = __del__  # type: ignore[attr-defined]
+
+    original = distributed_c10d.destroy_process_group
+
+    def destroy_process_group(group: Any = None) -> None:
+        world = distributed_c10d.GroupMember.WORLD
+        for ref in models:
+            model = ref()
+            if model is None or "reducer" not in model.__dict__:
+                continue
+            if group is None or group is world or getattr(model, "process_group", None) is group:
+                model.__dict__.pop("logger", None)  # holds the Reducer too
+                del model.__dict__["reducer"]
+        original(group)
+
+    destroy_process_group.__doc__ = original.__doc__
+    distributed_c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group

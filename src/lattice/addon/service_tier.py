@@ -33,9 +33,10 @@ class ServiceTier:
         except ImportError:  # lattice.checkpoint not installed: node-local tier only
             return None
 
-    def upload(self, step: int, replicated: dict[str, Any], rngs: list[Any]) -> None:
+    def upload(self, step: int, replicated: bytes, rngs: list[Any]) -> None:
+        """Upload one checkpoint: ``replicated`` is the state as ``torch.save`` wrote it."""
         shards = {
-            "state": self.client.put_shard(step, "state", state.dumps(replicated)),
+            "state": self.client.put_shard(step, "state", replicated),
             "rng": self.client.put_shard(step, "rng", state.dumps({"ranks": rngs})),
         }
         self.client.commit(step, shards, {"world": len(rngs)}, keep=self.keep)

@@ -3,31 +3,68 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lattice.addon import local_tier
 
 
 def test_roundtrip_and_listing(tmp_path: Path) -> None:
     for step in (3, 12, 7):
-        local_tier.write_file(local_tier.step_dir(tmp_path, step) / "state.pt", b"x" * step)
+        local_tier.save(local_tier.step_dir(tmp_path, step) / "state.pt", {"n": torch.ones(step)})
     assert local_tier.steps(tmp_path) == [12, 7, 3]
-    assert local_tier.read_file(local_tier.step_dir(tmp_path, 7) / "state.pt") == b"x" * 7
+    got = local_tier.load(local_tier.step_dir(tmp_path, 7) / "state.pt")
+    assert torch.equal(got["n"], torch.ones(7))
     local_tier.prune(tmp_path, keep=2)
     assert local_tier.steps(tmp_path) == [12, 7]
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "headerless"])
+@pytest.fixture
+def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of 1 KiB: the multi-chunk, multi-thread path on a small file."""
+    monkeypatch.setattr(local_tier, "CHUNK", 1024)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize(
+    "damage", ["flip-first", "flip-last", "truncate", "extend", "no-checksum", "bad-checksum"]
+)
 def test_damaged_file_is_rejected(tmp_path: Path, damage: str) -> None:
     path = tmp_path / "f.pt"
-    local_tier.write_file(path, bytes(range(256)) * 10)
+    local_tier.save(path, {"w": torch.arange(5000, dtype=torch.float32)})
+    assert path.stat().st_size > 8 * local_tier.CHUNK
+    local_tier.verify(path)  # whole: accepted
     raw = bytearray(path.read_bytes())
-    if damage == "flip":
-        raw[100] ^= 1
+    summed = path.with_name(path.name + local_tier.SUM_SUFFIX)
+    if damage == "flip-first":
+        raw[10] ^= 1
+    elif damage == "flip-last":
+        raw[-10] ^= 1
     elif damage == "truncate":
         raw = raw[:-1]
+    elif damage == "extend":
+        raw += b"\0"
+    elif damage == "no-checksum":
+        summed.unlink()
     else:
-        raw = raw[70:]
+        text = summed.read_text()
+        summed.write_text(text[:-3] + ("0" if text[-3] != "0" else "1") + text[-2:])
     path.write_bytes(bytes(raw))
     with pytest.raises(local_tier.CorruptFile):
-        local_tier.read_file(path)
+        local_tier.load(path)
+
+
+def test_checksum_is_the_same_with_one_thread_or_many(tmp_path: Path, small_chunks: None) -> None:
+    path = tmp_path / "f.pt"
+    path.write_bytes(bytes(range(256)) * 100)
+    assert local_tier.checksum(path, threads=1) == local_tier.checksum(path, threads=4)
+
+
+def test_a_rewrite_drops_the_old_checksum_before_the_data_changes(tmp_path: Path) -> None:
+    path = tmp_path / "f.pt"
+    local_tier.save(path, {"v": torch.zeros(3)})
+    summed = path.with_name(path.name + local_tier.SUM_SUFFIX)
+    old = summed.read_text()
+    local_tier.save(path, {"v": torch.ones(3)})
+    assert summed.read_text() != old
+    assert torch.equal(local_tier.load(path)["v"], torch.ones(3))
