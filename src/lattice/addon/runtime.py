@@ -111,6 +111,7 @@ class Runtime:
         self.optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
         self.schedulers: list[weakref.ref[Any]] = []
         self.scalers: list[weakref.ref[Any]] = []
+        self.averaged: list[weakref.ref[Any]] = []  # swa_utils.AveragedModel (SWA / EMA)
         self.loaders: list[weakref.ref[DataLoader]] = []
         self.registered: dict[str, Any] = {}
         self.trainer: weakref.ref[Any] | None = None  # a transformers.Trainer inside train()
@@ -208,6 +209,7 @@ class Runtime:
             ("optimizer", self.optimizers),
             ("scheduler", self.schedulers),
             ("scaler", self.scalers),
+            ("averaged", self.averaged),
         ):
             for i, obj in enumerate(self._alive(refs)):
                 found[f"{kind}.{i}"] = obj
@@ -592,6 +594,7 @@ def _patch_torch(rt: Runtime) -> None:
     _track_init(torch.optim.Optimizer, rt.optimizers)
     _track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
     _track_init(torch.amp.GradScaler, rt.scalers)
+    _track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
     register_optimizer_step_post_hook(lambda opt, args, kwargs: rt.on_optimizer_step(opt))
 
     sched_step = torch.optim.lr_scheduler.LRScheduler.step
