@@ -24,6 +24,15 @@ class Position:
     consumed: int
     done: bool
     order: list[int] | None = None  # the pass's order when it came from a random draw
+    # Passes during which optimizer steps were made, as [first, last] ranges; None (a
+    # checkpoint from before this was recorded): every pass counts as one with steps.
+    stepped: list[list[int]] | None = None
+
+    def had_steps(self, pass_index: int) -> bool:
+        """Whether the restored state holds steps made during pass ``pass_index``."""
+        if self.stepped is None:
+            return True
+        return any(first <= pass_index <= last for first, last in self.stepped)
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -31,16 +40,19 @@ class Position:
             "consumed": self.consumed,
             "done": self.done,
             "order": torch.tensor(self.order, dtype=torch.int64) if self.order else None,
+            "stepped": [list(r) for r in self.stepped] if self.stepped is not None else None,
         }
 
     @classmethod
     def from_state(cls, raw: dict[str, Any]) -> Position:
         order = raw.get("order")
+        stepped = raw.get("stepped")
         return cls(
             int(raw["pass"]),
             int(raw["consumed"]),
             bool(raw["done"]),
             order.tolist() if order is not None else None,
+            [[int(a), int(b)] for a, b in stepped] if stepped is not None else None,
         )
 
 
@@ -54,7 +66,21 @@ class LoaderTrack:
     base: int = 0  # global samples already consumed when the current pass (re)started
     done: bool = False
     resume: Position | None = None  # set on restore; consumed by the matching pass
+    stepped: list[list[int]] = field(default_factory=list)  # see Position.stepped
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def take_resume(self, position: Position) -> None:
+        self.resume = position
+        if position.stepped is not None:
+            self.stepped = [list(r) for r in position.stepped]
+
+    def mark_step(self) -> None:
+        """An optimizer step was made while this loader's current pass was open."""
+        current = max(self.passes - 1, 0)
+        if self.stepped and self.stepped[-1][1] >= current - 1:
+            self.stepped[-1][1] = max(self.stepped[-1][1], current)
+        else:
+            self.stepped.append([current, current])
 
     def position(self, loader: DataLoader) -> Position:
         sampler = getattr(loader, "sampler", None)
@@ -62,7 +88,8 @@ class LoaderTrack:
         batch = loader.batch_size or 1
         consumed = self.base + self.yielded * batch * world
         order = getattr(sampler, "_lattice_order", None)
-        return Position(max(self.passes - 1, 0), consumed, self.done, order)
+        stepped = [list(r) for r in self.stepped]
+        return Position(max(self.passes - 1, 0), consumed, self.done, order, stepped)
 
 
 def _split(remaining: list[int], sampler: DistributedSampler) -> list[int]:

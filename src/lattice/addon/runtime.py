@@ -123,6 +123,7 @@ class Runtime:
         self.calibrated = False
         self.pending = False
         self.loader_driven = False
+        self.open_passes: dict[int, data.LoaderTrack] = {}  # id → loaders mid-pass right now
         self.restore_done = False
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
@@ -228,6 +229,8 @@ class Runtime:
         if not live or live[0] is not optimizer:
             return
         self.step += 1
+        for track in self.open_passes.values():
+            track.mark_step()
         self.pending = True
         if not self.loader_driven:
             self.boundary()
@@ -400,10 +403,14 @@ class Runtime:
         self.resume_positions = positions
         for _loader, tr in self.tracks():
             if tr.index < len(positions):
-                tr.resume = positions[tr.index]
-        self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in positions)
+                tr.take_resume(positions[tr.index])
+        # The pass(es) the checkpoint was taken in: the training loop resumes there. Passes
+        # before it that made steps are fast-forwarded (their scheduler steps suppressed), the
+        # others (evaluation, a peeked batch) run again; the RNG is restored at that point.
+        training = [p for p in positions if p.had_steps(p.pass_index)]
+        self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in training)
         self.rng_to_restore = got["rng"]
-        if not any(not p.done for p in positions) and got["rng"] is not None:
+        if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
             self.rng_to_restore = None
         self._prune_newer(step)
@@ -507,47 +514,60 @@ class Runtime:
             self.loaders.append(weakref.ref(loader))
             resumes = self.resume_positions
             if track.index < len(resumes):
-                track.resume = resumes[track.index]
-        if not self.restore_done:
+                track.take_resume(resumes[track.index])
+        if not self.restore_done and self._alive(self.optimizers):
+            # Not before an optimizer exists: a batch peeked to size the model comes first.
             self.restore()
         pass_index = track.passes
         track.passes += 1
         track.yielded, track.base, track.done = 0, 0, False
         resume = track.resume
-        resuming = False
-        resuming_pass = resume is not None and pass_index == resume.pass_index
-        if resume is not None:
-            if pass_index < resume.pass_index or (pass_index == resume.pass_index and resume.done):
-                track.done = True
-                if pass_index == resume.pass_index:
-                    track.resume = None
-                    self.suppress_scheduler = False
-                return iter(())
-            if pass_index == resume.pass_index:
+        if resume is None or pass_index > resume.pass_index or not resume.had_steps(pass_index):
+            # A pass after the restored point, or one that made no step (evaluation, a peeked
+            # batch): it runs as it did the first time.
+            if resume is not None and pass_index >= resume.pass_index:
                 track.resume = None
-                self.suppress_scheduler = False
-                resuming = data.arm_skip(loader, resume)
-                if resuming:
-                    track.base = resume.consumed
-                else:
-                    _say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
+            return self._counting(original(loader), track)
+        at_checkpoint = pass_index == resume.pass_index
+        if at_checkpoint:
+            track.resume = None
+            self.suppress_scheduler = False
+        if not at_checkpoint or resume.done:
+            # Its steps are in the restored state: the loop sees no batch of it.
+            track.done = True
+            if at_checkpoint:
+                self._restore_rng()
+            return iter(())
+        resuming = data.arm_skip(loader, resume)
+        if resuming:
+            track.base = resume.consumed
+        else:
+            _say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
         iterator = original(loader)
-        if resuming_pass and self.rng_to_restore is not None:
-            state.restore_rng(self.rng_to_restore)
-            self.rng_to_restore = None
+        self._restore_rng()  # after the iterator drew its order: the checkpoint's state
         return self._counting(iterator, track)
 
+    def _restore_rng(self) -> None:
+        if self.rng_to_restore is not None:
+            state.restore_rng(self.rng_to_restore)
+            self.rng_to_restore = None
+
     def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
-        while True:
-            self.boundary()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                track.done = True
-                return
-            track.yielded += 1
-            self.loader_driven = True
-            yield batch
+        self.open_passes[id(track)] = track
+        try:
+            while True:
+                self.boundary()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    track.done = True
+                    return
+                track.yielded += 1
+                self.loader_driven = True
+                yield batch
+        finally:  # exhausted, or the loop let go of it (break, a peek with next())
+            if self.open_passes.get(id(track)) is track:
+                del self.open_passes[id(track)]
 
 
 _RUNTIME: Runtime | None = None

@@ -18,6 +18,7 @@ CASES = [
     ("train_workers.py", 1, 17),  # num_workers=2, RandomSampler
     ("train_amp.py", 1, 13),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15),  # AveragedModel EMA updated every step (not in the optimizer)
+    ("train_eval.py", 1, 17),  # a validation DataLoader every epoch, metric = sum / count
     ("train_trainer.py", 1, 11),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9),  # … restored at the end of an epoch (8 steps per epoch)
 ]
