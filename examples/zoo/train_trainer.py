@@ -46,12 +46,12 @@ class Tokens(Dataset):
 
 
 class Progress(TrainerCallback):
-    """Appends ``global_step`` to $ZOO_LOG.0 after each optimizer step."""
+    """Appends ``global_step`` to $ZOO_LOG.<rank> after each optimizer step."""
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         path = os.environ.get("ZOO_LOG")
         if path:
-            with open(f"{path}.0", "a") as fh:
+            with open(f"{path}.{os.environ.get('RANK', '0')}", "a") as fh:
                 fh.write(f"{state.epoch:.3f} {state.global_step}\n")
         time.sleep(float(os.environ.get("ZOO_STEP_SLEEP", "0")))
 
@@ -85,7 +85,8 @@ def main() -> None:
             callbacks=[Progress()],
         )
         trainer.train()
-    save_params(model)
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_params(model)
 
 
 if __name__ == "__main__":

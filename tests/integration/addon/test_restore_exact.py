@@ -21,6 +21,7 @@ CASES = [
     ("train_eval.py", 1, 17),  # a validation DataLoader every epoch, metric = sum / count
     ("train_trainer.py", 1, 11),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9),  # … restored at the end of an epoch (8 steps per epoch)
+    ("train_trainer.py", 2, 7),  # … two processes (DDP over gloo), 4 steps per epoch
 ]
 
 
