@@ -62,7 +62,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
 
     rt = runtime.current()
     if rt is not None:
-        rt.queue.join()
+        rt.flush()
         step_s = elapsed / (steps - warmup)
         cost = max(rt.stalls) + max(rt.write_s)
         out.update(

@@ -134,10 +134,19 @@ class Runtime:
         self.step_times: list[float] = []
         self.stalls: list[float] = []
         self.write_s: list[float] = []
-        self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue()
+        # One snapshot waits at most: when the writer falls behind, the next snapshot waits
+        # (back-pressure) instead of the node-local tier lagging further and further.
+        self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue(1)
         self.service = service_tier.ServiceTier.from_env()
         self.writer = threading.Thread(target=self._write_loop, name="lattice-ckpt", daemon=True)
         self.writer.start()
+        # Uploads run on their own thread and only the newest written step is uploaded: a
+        # slow or restarting checkpoint service never holds back the node-local tier.
+        self._uploads = threading.Condition()
+        self._upload_next: tuple[int, Path, list[Any]] | None = None
+        self._uploading = False
+        if self.service is not None:
+            threading.Thread(target=self._upload_loop, name="lattice-upload", daemon=True).start()
 
     # identity ----------------------------------------------------------------------------
     @staticmethod
@@ -330,12 +339,18 @@ class Runtime:
                 replicated[name] = state.detached_copy(obj.state_dict())
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             files["state"] = replicated
-        self.stalls.append(time.perf_counter() - t0)
         if self.rank() != 0:
             upload = None
-        self.queue.put((self.step, files, upload))
+        self.queue.put((self.step, files, upload))  # blocks while the writer is behind
+        self.stalls.append(time.perf_counter() - t0)
         if sync:
-            self.queue.join()
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait until every snapshot taken is written, and the newest one uploaded."""
+        self.queue.join()
+        with self._uploads:
+            self._uploads.wait_for(lambda: self._upload_next is None and not self._uploading)
 
     def _write_loop(self) -> None:
         while True:
@@ -348,14 +363,35 @@ class Runtime:
                     local_tier.save(folder / f"{name}.pt", obj)
                 if "state" in files:
                     local_tier.prune(self.root, KEEP)
-                if upload is not None and self.service is not None:
-                    # The bytes just written, not a second serialisation of the state.
-                    self.service.upload(step, (folder / "state.pt").read_bytes(), upload)
                 self.write_s.append(time.perf_counter() - t0)
+                if upload is not None and self.service is not None:
+                    with self._uploads:  # replaces a step still waiting: the newest wins
+                        self._upload_next = (step, folder, upload)
+                        self._uploads.notify_all()
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
             finally:
                 self.queue.task_done()
+
+    def _upload_loop(self) -> None:
+        assert self.service is not None
+        while True:
+            with self._uploads:
+                self._uploads.wait_for(lambda: self._upload_next is not None)
+                assert self._upload_next is not None
+                step, folder, rngs = self._upload_next
+                self._upload_next, self._uploading = None, True
+            try:
+                # The bytes written to the node-local tier: no second serialisation.
+                self.service.upload(step, (folder / "state.pt").read_bytes(), rngs)
+            except FileNotFoundError:
+                pass  # pruned: a newer step was written meanwhile, and is offered next
+            except Exception as exc:  # a failed upload must not kill training
+                _say(f"checkpoint upload of step {step} failed: {exc!r}")
+            finally:
+                with self._uploads:
+                    self._uploading = False
+                    self._uploads.notify_all()
 
     # restore -----------------------------------------------------------------------------
     def _valid(self, step: int) -> dict[str, Any] | None:
@@ -593,7 +629,7 @@ def activate() -> Runtime | None:
     _patch_torch(rt)
     if "transformers" in autopatch_parts(dict(os.environ)):
         hf.install(rt)
-    atexit.register(rt.queue.join)  # let in-flight writes finish when the script ends
+    atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
     return rt
 
 

@@ -165,8 +165,14 @@ class Storage:
         """Keep the newest ``keep`` commits; drop torn steps older than the newest commit."""
         committed = self.manifests(job)
         for old in committed[max(keep, 1) :]:
+            step_dir = self._step_dir(job, old.step)
+            # The manifest first: the checkpoint stops being visible before any shard goes,
+            # so a concurrent reader never finds a commit with a shard missing (and a crash
+            # here leaves a torn step, which the loop below removes next time).
             with contextlib.suppress(FileNotFoundError):
-                self.fs.rm(self._step_dir(job, old.step), recursive=True)
+                self.fs.rm(posixpath.join(step_dir, MANIFEST))
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(step_dir, recursive=True)
         if not committed:
             return
         newest = committed[0].step

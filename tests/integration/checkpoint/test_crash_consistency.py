@@ -105,3 +105,30 @@ def test_crash_at_every_fault_point(tmp_path: Path, point: str) -> None:
             assert steps == [1] and manifest.step == 1 and shards["model"] == b"good-1"
     finally:
         _stop(proc)
+
+
+def test_retention_hides_a_checkpoint_before_removing_its_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader racing retention must never see a commit with a shard gone."""
+    from lattice.checkpoint.storage import MANIFEST, Storage
+
+    storage = Storage(str(tmp_path))
+    for step in (1, 2, 3):
+        info = storage.write_shard("job", step, "state", [b"x" * 10])
+        storage.commit("job", step, {"state": info}, {}, keep=10)
+    removed: list[str] = []
+    rm = storage.fs.rm
+
+    def recording_rm(path: str, recursive: bool = False, **kwargs: object) -> None:
+        step_dir = f"{tmp_path}/job/{1:012d}"
+        if path.startswith(step_dir):
+            # What is still visible when each removal starts.
+            removed.append("manifest" if Path(step_dir, MANIFEST).exists() else "hidden")
+        rm(path, recursive=recursive, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "rm", recording_rm)
+    storage.apply_retention("job", keep=2)
+    assert [m.step for m in storage.manifests("job")] == [3, 2]
+    assert removed == ["manifest", "hidden"], removed  # manifest alone first, then the rest
+    assert not Path(tmp_path, "job", f"{1:012d}").exists()
