@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lattice.agent.ports import PortReservation
 
 REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
@@ -50,15 +51,10 @@ main()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def one_run(script: Path, tmp: Path, addon: bool, bound: float) -> bool:
     """True when both ranks exited within ``bound`` seconds."""
-    port = free_port()
+    with PortReservation() as reserved:  # free now; the ranks' store binds it next
+        port = reserved.port
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
