@@ -1,11 +1,8 @@
 """Step-count loop: ``step = 0; while step < N: for batch in loader: ...; step += 1``.
 
 Single process, shuffled DataLoader, dropout, Adam; the loop ends after N optimizer steps, in
-the middle of a pass. Unmodified: knows nothing about Lattice.
-
-Under the addon this loop is NOT resumed exactly (docs/addon.md, "Not supported"): ``step`` is
-a local of this function, restarted at 0 by a new process, so the restored run makes N more
-steps. It is in the zoo to pin that behaviour down (tests/integration/addon).
+the middle of a pass. Unmodified: knows nothing about Lattice (``step`` is a local of this
+function: the addon restores it, docs/addon.md "The script's own counters").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ torn write, a bit flip or a truncation is rejected and the caller falls back to 
 
 The checksum is a SHA-256 over the SHA-256s of 16 MiB chunks, computed by several threads
 (hashlib releases the GIL): a 600 MB state verifies in a fraction of the time one stream
-takes, and the file is loaded by ``torch.load`` from its path (no extra in-memory copy).
+takes, and while the file is loaded by ``torch.load`` from its path.
 """
 
 from __future__ import annotations
@@ -88,21 +88,55 @@ def save(path: Path, obj: Any) -> None:
     os.replace(tmp_sum, summed)
 
 
-def verify(path: Path) -> None:
-    """Raise `CorruptFile` unless ``path`` matches its checksum file."""
+def _expected(path: Path) -> str:
     try:
-        expected = _sum_path(path).read_text().strip()
+        return _sum_path(path).read_text().strip()
     except FileNotFoundError:
         raise CorruptFile(f"{path}: no checksum file (write not finished?)") from None
-    actual = checksum(path)
+
+
+def _check(path: Path, expected: str, actual: str) -> None:
     if actual != expected:
         raise CorruptFile(f"{path}: checksum mismatch ({actual.split()[0]} bytes)")
 
 
+def verify(path: Path) -> None:
+    """Raise `CorruptFile` unless ``path`` matches its checksum file."""
+    _check(path, _expected(path), checksum(path))
+
+
 def load(path: Path) -> Any:
-    """The verified contents of ``path``, loaded with ``weights_only=True`` onto the CPU."""
-    verify(path)
-    return torch.load(path, weights_only=True, map_location="cpu")
+    """The verified contents of ``path``, loaded with ``weights_only=True`` onto the CPU.
+
+    The checksum is computed while the file is read: ``torch.load`` maps the file (its sizes
+    cannot make it allocate more than the file holds, even when corrupt) and the tensors are
+    copied out of the mapping, so nothing keeps the file's pages once it is pruned. Nothing
+    loaded is returned unless the checksum matched.
+    """
+    expected = _expected(path)
+    with ThreadPoolExecutor(1) as pool:
+        summed = pool.submit(checksum, path)
+        try:
+            mapped = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            obj, error = _materialised(mapped), None
+        except Exception as exc:  # a damaged file; the checksum says which error to report
+            obj, error = None, exc
+        _check(path, expected, summed.result())
+    if error is not None:
+        raise error
+    return obj
+
+
+def _materialised(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _materialised(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialised(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialised(v) for v in obj)
+    return obj
 
 
 def steps(root: Path) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lattice.addon import data, hf, local_tier, protocol, service_tier, state
+from lattice.addon import data, hf, local_tier, loops, protocol, service_tier, state
 
 log = logging.getLogger("lattice.addon")
 
@@ -128,6 +128,8 @@ class Runtime:
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
+        self.loops = loops.LoopState()  # the script's step counters and range loops
+        self.loops_due = False  # restored counters to set at the next batch fetch
         self.force = False
         self.last_control = 0.0
         self.last_boundary: float | None = None
@@ -338,6 +340,7 @@ class Runtime:
             for name, obj in self.objects().items():
                 replicated[name] = state.detached_copy(obj.state_dict())
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
+            replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
         if self.rank() != 0:
             upload = None
@@ -445,6 +448,13 @@ class Runtime:
         # others (evaluation, a peeked batch) run again; the RNG is restored at that point.
         training = [p for p in positions if p.had_steps(p.pass_index)]
         self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in training)
+        for line in self.loops.load(replicated.get("loops", [])):
+            _say(f"step loop not resumed, it counts from its start again: {line}")
+        if self.loops.jump:
+            # A step loop: its range calls resume it, and each loader's first pass is the
+            # checkpoint's. Scheduler calls made before that pass are in the restored state.
+            self.suppress_scheduler = True
+        self.loops_due = not training
         self.rng_to_restore = got["rng"]
         if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
@@ -554,10 +564,13 @@ class Runtime:
         if not self.restore_done and self._alive(self.optimizers):
             # Not before an optimizer exists: a batch peeked to size the model comes first.
             self.restore()
+        self.loops.observe(sys._getframe(), ("iter", track.index, track.passes))
         pass_index = track.passes
-        track.passes += 1
-        track.yielded, track.base, track.done = 0, 0, False
         resume = track.resume
+        if self.loops.jump and resume is not None and pass_index < resume.pass_index:
+            pass_index = resume.pass_index  # a resumed step loop: straight to the checkpoint
+        track.passes = pass_index + 1
+        track.yielded, track.base, track.done = 0, 0, False
         if resume is None or pass_index > resume.pass_index or not resume.had_steps(pass_index):
             # A pass after the restored point, or one that made no step (evaluation, a peeked
             # batch): it runs as it did the first time.
@@ -568,6 +581,7 @@ class Runtime:
         if at_checkpoint:
             track.resume = None
             self.suppress_scheduler = False
+            self.loops_due = True
         if not at_checkpoint or resume.done:
             # Its steps are in the restored state: the loop sees no batch of it.
             track.done = True
@@ -583,6 +597,14 @@ class Runtime:
         self._restore_rng()  # after the iterator drew its order: the checkpoint's state
         return self._counting(iterator, track)
 
+    def _apply_loops(self) -> None:
+        self.loops_due = False
+        done, missed = self.loops.apply(sys._getframe())
+        if done:
+            _say(f"restored the script's counters: {', '.join(done)}")
+        if missed:
+            _say(f"step loop not resumed (it started before the restore): {', '.join(missed)}")
+
     def _restore_rng(self) -> None:
         if self.rng_to_restore is not None:
             state.restore_rng(self.rng_to_restore)
@@ -590,8 +612,12 @@ class Runtime:
 
     def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
         self.open_passes[id(track)] = track
+        pass_key = (id(track), track.passes)
         try:
             while True:
+                if self.loops_due:
+                    self._apply_loops()
+                self.loops.observe(sys._getframe(), pass_key)
                 self.boundary()
                 try:
                     batch = next(iterator)
@@ -627,6 +653,9 @@ def activate() -> Runtime | None:
     rt = Runtime(root, os.environ.get(protocol.ENV_CONTROL_FILE), every)
     _RUNTIME = rt
     _patch_torch(rt)
+    main = sys.modules.get("__main__")
+    if main is not None:
+        loops.install_range(main.__dict__, rt.loops)
     if "transformers" in autopatch_parts(dict(os.environ)):
         hf.install(rt)
     atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
