@@ -64,7 +64,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
     if rt is not None:
         rt.flush()
         step_s = elapsed / (steps - warmup)
-        cost = max(rt.stalls) + max(rt.write_s)
+        cost = rt.cost_s or max(rt.stalls) + max(rt.write_s)  # the policy's own estimate
         out.update(
             interval_steps=rt.interval,
             checkpoints_in_window=len(rt.stalls) - before,

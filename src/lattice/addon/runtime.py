@@ -119,7 +119,6 @@ class Runtime:
         self._models_cache: tuple[tuple[int, ...], list[weakref.ref[nn.Module]]] | None = None
         self.step = 0
         self.step_base = 0  # the step this process started from (restored), for calibration
-        self.settled = False  # calibration: the first snapshots' writes have been waited for
         self.calibrated = False
         self.pending = False
         self.loader_driven = False
@@ -133,7 +132,12 @@ class Runtime:
         self.force = False
         self.last_control = 0.0
         self.last_boundary: float | None = None
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # steps with no checkpoint write running
+        self.busy_times: list[float] = []  # steps while a write ran (calibration)
+        self.cost_s = 0.0  # what one checkpoint costs the training loop (calibration)
+        self._writes_queued = 0  # counted by the training thread
+        self._writes_done = 0  # counted by the writer
+        self._done_at_boundary = 0
         self.stalls: list[float] = []
         self.write_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
@@ -253,7 +257,9 @@ class Runtime:
         self.pending = False
         now = time.perf_counter()
         if self.last_boundary is not None:
-            self.step_times.append(now - self.last_boundary)
+            busy = self._writes_done != self._done_at_boundary  # one ended during the step
+            busy = busy or self._writes_done != self._writes_queued  # one is running
+            (self.busy_times if busy else self.step_times).append(now - self.last_boundary)
         stop = self._safepoint_requested()
         if stop:
             self.snapshot(sync=True)
@@ -263,22 +269,24 @@ class Runtime:
             os._exit(protocol.SAFEPOINT_EXIT)
         made = self.step - self.step_base  # steps made by this process
         if self.mode != "steps" and not self.calibrated:
-            if made >= 3 and not self.settled:
-                # Step times for calibration are taken with no write in flight (on CPU the
-                # writer competes for the cores): wait once for the first snapshots' writes.
-                self.settled = True
+            # Calibration, at fixed step counts (the ranks agree on the interval together):
+            # two snapshots, then CALIBRATION_STEPS steps beside the second one's write, then
+            # as many with no write running (waiting for that write once if it is still on).
+            if made == CALIBRATION_SNAPSHOTS + CALIBRATION_STEPS:
                 self.queue.join()
-                self.step_times.clear()
-            if made >= CALIBRATION_STEPS:
+            elif made >= CALIBRATION_SNAPSHOTS + 2 * CALIBRATION_STEPS:
                 self._calibrate()
         if self.force or self._due():
             self.force = False
-            if self.mode == "auto" and not self.calibrated and len(self.stalls) == 1:
+            if not self.calibrated and len(self.stalls) == 1:
                 # The second snapshot is the one calibration trusts: let the first one's write
                 # give its buffers back (pinned host memory on a GPU) so this one reuses them.
                 self.queue.join()
+                self.step_times.clear()
+                self.busy_times.clear()
             self.snapshot(sync=False)
         self.last_boundary = time.perf_counter()
+        self._done_at_boundary = self._writes_done
 
     def _due(self) -> bool:
         if self.mode != "steps" and not self.calibrated:
@@ -288,14 +296,21 @@ class Runtime:
         return self.step % self.interval == 0
 
     def _calibrate(self) -> None:
-        times = self.step_times
-        step_s = sum(times) / len(times) if times else 1.0
+        idle = self.step_times or self.busy_times
+        step_s = max(sum(idle) / len(idle) if idle else 1.0, 1e-9)
+        write = _typical(self.write_s)
+        # The write runs beside training: it costs what it slows the steps it overlaps (on a
+        # CPU the cores it takes, on a GPU mostly the GIL): W * (1 - idle step / busy step).
+        # A write shorter than a step left no busy step to measure and counts whole.
+        busy = self.busy_times
+        slowed = write
+        if busy and self.step_times:
+            slowed = write * max(0.0, 1.0 - step_s / (sum(busy) / len(busy)))
+        self.cost_s = _typical(self.stalls) + slowed
         if self.mode == "seconds":
-            interval = max(1, round(self.every / max(step_s, 1e-9)))
+            interval = max(1, round(self.every / step_s))
         else:
-            # The background write competes for the same cores (CPU training), so it counts too.
-            stall = _typical(self.stalls) + _typical(self.write_s)
-            interval = max(1, math.ceil(stall / (OVERHEAD_TARGET * max(step_s, 1e-9))))
+            interval = max(1, math.ceil(self.cost_s / (OVERHEAD_TARGET * step_s)))
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
             interval = _all_max(dist, interval)
@@ -303,7 +318,8 @@ class Runtime:
         self.calibrated = True
         _say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
-            f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms)"
+            f"{_typical(self.stalls) * 1e3:.1f} ms, write {write * 1e3:.1f} ms slowing "
+            f"training by {slowed * 1e3:.1f} ms)"
         )
 
     def _safepoint_requested(self) -> bool:
@@ -344,6 +360,7 @@ class Runtime:
             files["state"] = replicated
         if self.rank() != 0:
             upload = None
+        self._writes_queued += 1
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
         self.stalls.append(time.perf_counter() - t0)
         if sync:
@@ -359,22 +376,28 @@ class Runtime:
         while True:
             item = self.queue.get()
             try:
-                step, files, upload = item
-                t0 = time.perf_counter()
-                folder = local_tier.step_dir(self.root, step)
-                for name, obj in files.items():
-                    local_tier.save(folder / f"{name}.pt", obj)
-                if "state" in files:
-                    local_tier.prune(self.root, KEEP)
-                self.write_s.append(time.perf_counter() - t0)
-                if upload is not None and self.service is not None:
-                    with self._uploads:  # replaces a step still waiting: the newest wins
-                        self._upload_next = (step, folder, upload)
-                        self._uploads.notify_all()
+                self._write(*item)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
             finally:
+                # Let go of the snapshot before saying it is written: a GPU snapshot's pinned
+                # buffers go back to torch's host cache, and the next snapshot reuses them.
+                del item
+                self._writes_done += 1
                 self.queue.task_done()
+
+    def _write(self, step: int, files: dict[str, Any], upload: list[Any] | None) -> None:
+        t0 = time.perf_counter()
+        folder = local_tier.step_dir(self.root, step)
+        for name, obj in files.items():
+            local_tier.save(folder / f"{name}.pt", obj)
+        if "state" in files:
+            local_tier.prune(self.root, KEEP)
+        self.write_s.append(time.perf_counter() - t0)
+        if upload is not None and self.service is not None:
+            with self._uploads:  # replaces a step still waiting: the newest wins
+                self._upload_next = (step, folder, upload)
+                self._uploads.notify_all()
 
     def _upload_loop(self) -> None:
         assert self.service is not None

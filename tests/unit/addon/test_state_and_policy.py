@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import math
 import random
+import threading
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,3 +61,48 @@ def test_autopatch_switch() -> None:
     assert not runtime.autopatch_enabled({"LATTICE_JOB": "j", "LATTICE_AUTOPATCH": "none"})
     assert runtime.autopatch_enabled({"LATTICE_JOB": "j"})
     assert protocol.SAFEPOINT_EXIT == 83
+
+
+def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
+    """A written snapshot is freed at once (a GPU snapshot's pinned buffers get reused)."""
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    tensor = torch.ones(1000)
+    alive = weakref.ref(tensor)
+    rt.queue.put((1, {"state": {"t": tensor}}, None))
+    del tensor
+    rt.queue.join()
+    assert (tmp_path / "step-000000000001" / "state.pt").exists()
+    assert alive() is None
+
+
+def test_auto_policy_counts_what_the_write_slows_not_the_whole_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 ms steps, 20 ms while the calibration write (0.5 s) runs: it costs what it slows."""
+    clock = [0.0]
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    rt = runtime.Runtime(tmp_path, None, ("auto", 0.0))
+    release = threading.Event()
+    writes: list[int] = []
+
+    def write(step: int, files: object, upload: object) -> None:
+        writes.append(step)
+        if len(writes) == 2:  # the second snapshot's write runs until released
+            assert release.wait(timeout=60)
+        rt.write_s.append(0.5)
+
+    monkeypatch.setattr(rt, "_write", write)
+    for made in range(1, 15):
+        clock[0] += 0.020 if 3 <= made <= 6 else 0.010
+        rt.step += 1
+        rt.pending = True
+        rt.boundary()
+        if made == 6:
+            release.set()
+            rt.queue.join()
+    assert writes == [1, 2] and rt.calibrated
+    assert len(rt.step_times) == 7 and len(rt.busy_times) == 5
+    # busy mean 18 ms, idle 10 ms: the write slowed training by 0.5 * (1 - 10/18) = 0.222 s
+    assert rt.cost_s == pytest.approx(0.5 * (1 - 10 / 18))
+    assert rt.interval == math.ceil(rt.cost_s / (runtime.OVERHEAD_TARGET * 0.010))
+    assert rt.interval < 0.5 / (runtime.OVERHEAD_TARGET * 0.010)  # the whole write: 1667
