@@ -33,6 +33,7 @@ log = logging.getLogger("lattice.addon")
 KEEP = 2
 CALIBRATION_STEPS = 6
 CALIBRATION_SNAPSHOTS = 2
+CALIBRATION_MAX_STEPS = 2000  # steps watched beside the calibration write, at most
 
 
 def _typical(samples: list[float]) -> float:
@@ -135,6 +136,8 @@ class Runtime:
         self.step_times: list[float] = []  # steps with no checkpoint write running
         self.busy_times: list[float] = []  # steps while a write ran (calibration)
         self.cost_s = 0.0  # what one checkpoint costs the training loop (calibration)
+        self._join_at = CALIBRATION_SNAPSHOTS + CALIBRATION_STEPS  # steps made (see boundary)
+        self._calibrate_at = self._join_at + CALIBRATION_STEPS
         self._writes_queued = 0  # counted by the training thread
         self._writes_done = 0  # counted by the writer
         self._done_at_boundary = 0
@@ -269,12 +272,15 @@ class Runtime:
             os._exit(protocol.SAFEPOINT_EXIT)
         made = self.step - self.step_base  # steps made by this process
         if self.mode != "steps" and not self.calibrated:
-            # Calibration, at fixed step counts (the ranks agree on the interval together):
-            # two snapshots, then CALIBRATION_STEPS steps beside the second one's write, then
-            # as many with no write running (waiting for that write once if it is still on).
+            # Calibration, at step counts every rank agrees on: two snapshots, then the steps
+            # beside the second one's write (as many as the first write took, the ranks
+            # agree on the most), then CALIBRATION_STEPS with no write running (waiting once
+            # for the write if it is still on).
             if made == CALIBRATION_SNAPSHOTS + CALIBRATION_STEPS:
+                self._plan_calibration(made)
+            if made == self._join_at:
                 self.queue.join()
-            elif made >= CALIBRATION_SNAPSHOTS + 2 * CALIBRATION_STEPS:
+            elif made >= self._calibrate_at:
                 self._calibrate()
         if self.force or self._due():
             self.force = False
@@ -294,6 +300,17 @@ class Runtime:
             # lazy imports: 92 ms against 0.3 ms warm for a tiny model), the second is typical.
             return len(self.stalls) < CALIBRATION_SNAPSHOTS
         return self.step % self.interval == 0
+
+    def _plan_calibration(self, made: int) -> None:
+        times = self.busy_times + self.step_times
+        step_s = max(sum(times) / len(times), 1e-9) if times else 1.0
+        first = self.write_s[0] if self.write_s else 0.0  # none: the write failed
+        span = min(CALIBRATION_MAX_STEPS, math.ceil(first / step_s) + 1)
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            span = _all_max(dist, span)
+        self._join_at = max(made, CALIBRATION_SNAPSHOTS + span)
+        self._calibrate_at = self._join_at + CALIBRATION_STEPS
 
     def _calibrate(self) -> None:
         idle = self.step_times or self.busy_times
