@@ -33,7 +33,6 @@ log = logging.getLogger("lattice.addon")
 KEEP = 2
 CALIBRATION_STEPS = 6
 CALIBRATION_SNAPSHOTS = 2
-CALIBRATION_MAX_STEPS = 2000  # steps watched beside the calibration write, at most
 
 
 def _typical(samples: list[float]) -> float:
@@ -120,6 +119,7 @@ class Runtime:
         self._models_cache: tuple[tuple[int, ...], list[weakref.ref[nn.Module]]] | None = None
         self.step = 0
         self.step_base = 0  # the step this process started from (restored), for calibration
+        self.settled = False  # calibration: the first snapshots' writes have been waited for
         self.calibrated = False
         self.pending = False
         self.loader_driven = False
@@ -133,14 +133,8 @@ class Runtime:
         self.force = False
         self.last_control = 0.0
         self.last_boundary: float | None = None
-        self.step_times: list[float] = []  # steps with no checkpoint write running
-        self.busy_times: list[float] = []  # steps while a write ran (calibration)
-        self.cost_s = 0.0  # what one checkpoint costs the training loop (calibration)
-        self._join_at = CALIBRATION_SNAPSHOTS + CALIBRATION_STEPS  # steps made (see boundary)
-        self._calibrate_at = self._join_at + CALIBRATION_STEPS
-        self._writes_queued = 0  # counted by the training thread
-        self._writes_done = 0  # counted by the writer
-        self._done_at_boundary = 0
+        self.step_times: list[float] = []
+        self.cost_s = 0.0  # what one checkpoint costs, as calibration counts it
         self.stalls: list[float] = []
         self.write_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
@@ -260,9 +254,7 @@ class Runtime:
         self.pending = False
         now = time.perf_counter()
         if self.last_boundary is not None:
-            busy = self._writes_done != self._done_at_boundary  # one ended during the step
-            busy = busy or self._writes_done != self._writes_queued  # one is running
-            (self.busy_times if busy else self.step_times).append(now - self.last_boundary)
+            self.step_times.append(now - self.last_boundary)
         stop = self._safepoint_requested()
         if stop:
             self.snapshot(sync=True)
@@ -272,27 +264,22 @@ class Runtime:
             os._exit(protocol.SAFEPOINT_EXIT)
         made = self.step - self.step_base  # steps made by this process
         if self.mode != "steps" and not self.calibrated:
-            # Calibration, at step counts every rank agrees on: two snapshots, then the steps
-            # beside the second one's write (as many as the first write took, the ranks
-            # agree on the most), then CALIBRATION_STEPS with no write running (waiting once
-            # for the write if it is still on).
-            if made == CALIBRATION_SNAPSHOTS + CALIBRATION_STEPS:
-                self._plan_calibration(made)
-            if made == self._join_at:
+            if made >= 3 and not self.settled:
+                # Step times for calibration are taken with no write in flight (on CPU the
+                # writer competes for the cores): wait once for the first snapshots' writes.
+                self.settled = True
                 self.queue.join()
-            elif made >= self._calibrate_at:
+                self.step_times.clear()
+            if made >= CALIBRATION_STEPS:
                 self._calibrate()
         if self.force or self._due():
             self.force = False
-            if not self.calibrated and len(self.stalls) == 1:
+            if self.mode == "auto" and not self.calibrated and len(self.stalls) == 1:
                 # The second snapshot is the one calibration trusts: let the first one's write
                 # give its buffers back (pinned host memory on a GPU) so this one reuses them.
                 self.queue.join()
-                self.step_times.clear()
-                self.busy_times.clear()
             self.snapshot(sync=False)
         self.last_boundary = time.perf_counter()
-        self._done_at_boundary = self._writes_done
 
     def _due(self) -> bool:
         if self.mode != "steps" and not self.calibrated:
@@ -301,29 +288,13 @@ class Runtime:
             return len(self.stalls) < CALIBRATION_SNAPSHOTS
         return self.step % self.interval == 0
 
-    def _plan_calibration(self, made: int) -> None:
-        times = self.busy_times + self.step_times
-        step_s = max(sum(times) / len(times), 1e-9) if times else 1.0
-        first = self.write_s[0] if self.write_s else 0.0  # none: the write failed
-        span = min(CALIBRATION_MAX_STEPS, math.ceil(first / step_s) + 1)
-        dist = _dist()
-        if dist is not None and dist.get_world_size() > 1:
-            span = _all_max(dist, span)
-        self._join_at = max(made, CALIBRATION_SNAPSHOTS + span)
-        self._calibrate_at = self._join_at + CALIBRATION_STEPS
-
     def _calibrate(self) -> None:
-        idle = self.step_times or self.busy_times
-        step_s = max(sum(idle) / len(idle) if idle else 1.0, 1e-9)
-        write = _typical(self.write_s)
-        # The write runs beside training: it costs what it slows the steps it overlaps (on a
-        # CPU the cores it takes, on a GPU mostly the GIL): W * (1 - idle step / busy step).
-        # A write shorter than a step left no busy step to measure and counts whole.
-        busy = self.busy_times
-        slowed = write
-        if busy and self.step_times:
-            slowed = write * max(0.0, 1.0 - step_s / (sum(busy) / len(busy)))
-        self.cost_s = _typical(self.stalls) + slowed
+        times = self.step_times
+        step_s = max(sum(times) / len(times) if times else 1.0, 1e-9)
+        # The background write counts whole: on a CPU it competes for the cores, on a GPU it
+        # holds the GIL for parts of torch.save (measuring the slowdown instead was tried:
+        # steps timed beside a write on an H200 looked unslowed, yet that interval cost 54 %).
+        self.cost_s = _typical(self.stalls) + _typical(self.write_s)
         if self.mode == "seconds":
             interval = max(1, round(self.every / step_s))
         else:
@@ -335,8 +306,7 @@ class Runtime:
         self.calibrated = True
         _say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
-            f"{_typical(self.stalls) * 1e3:.1f} ms, write {write * 1e3:.1f} ms slowing "
-            f"training by {slowed * 1e3:.1f} ms)"
+            f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms)"
         )
 
     def _safepoint_requested(self) -> bool:
@@ -377,7 +347,6 @@ class Runtime:
             files["state"] = replicated
         if self.rank() != 0:
             upload = None
-        self._writes_queued += 1
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
         self.stalls.append(time.perf_counter() - t0)
         if sync:
@@ -400,7 +369,6 @@ class Runtime:
                 # Let go of the snapshot before saying it is written: a GPU snapshot's pinned
                 # buffers go back to torch's host cache, and the next snapshot reuses them.
                 del item
-                self._writes_done += 1
                 self.queue.task_done()
 
     def _write(self, step: int, files: dict[str, Any], upload: list[Any] | None) -> None:

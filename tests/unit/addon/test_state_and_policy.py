@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import math
 import random
-import threading
 import weakref
 from pathlib import Path
 
@@ -75,38 +73,25 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
     assert alive() is None
 
 
-def test_auto_policy_counts_what_the_write_slows_not_the_whole_write(
+def test_auto_policy_keeps_a_checkpoint_under_3_percent_of_the_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """10 ms steps, 20 ms while the calibration write (0.5 s) runs: it costs what it slows."""
+    """10 ms steps, a 0.5 s write: a checkpoint every ceil(0.5 / (3 % of 10 ms)) = 1667 steps."""
     clock = [0.0]
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
     rt = runtime.Runtime(tmp_path, None, ("auto", 0.0))
-    release = threading.Event()
     writes: list[int] = []
 
     def write(step: int, files: object, upload: object) -> None:
         writes.append(step)
-        if len(writes) == 2:  # the second snapshot's write runs until released
-            assert release.wait(timeout=60)
         rt.write_s.append(0.5)
 
     monkeypatch.setattr(rt, "_write", write)
-    for made in range(1, 100):
-        clock[0] += 0.020 if 3 <= made <= 6 else 0.010
+    for _ in range(runtime.CALIBRATION_STEPS):
+        clock[0] += 0.010
         rt.step += 1
         rt.pending = True
         rt.boundary()
-        if made == 6:
-            release.set()
-            rt.queue.join()
-        if rt.calibrated:
-            break
-    # The first write (0.5 s) spans ~30 steps of ~17 ms: calibration watches that many.
     assert writes == [1, 2] and rt.calibrated
-    assert 2 + 30 + runtime.CALIBRATION_STEPS <= made <= 2 + 32 + runtime.CALIBRATION_STEPS
-    assert len(rt.busy_times) == 5 and len(rt.step_times) == made - 2 - 5
-    # busy mean 18 ms, idle 10 ms: the write slowed training by 0.5 * (1 - 10/18) = 0.222 s
-    assert rt.cost_s == pytest.approx(0.5 * (1 - 10 / 18))
-    assert rt.interval == math.ceil(rt.cost_s / (runtime.OVERHEAD_TARGET * 0.010))
-    assert rt.interval < 0.5 / (runtime.OVERHEAD_TARGET * 0.010)  # the whole write: 1667
+    assert rt.cost_s == pytest.approx(0.5)  # the snapshots themselves took no time here
+    assert rt.interval == 1667
