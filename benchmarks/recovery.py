@@ -50,6 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lattice.agent.ports import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "examples" / "ddp_train.py"
 PYTHON = sys.executable
@@ -76,12 +78,6 @@ STORE_SERVER = (
 
 def log(msg: str) -> None:
     print(f"[recovery {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(root: int) -> list[int]:

@@ -9,11 +9,13 @@ written by a background thread to the node-local tier.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import logging
 import math
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -53,6 +55,17 @@ def _dist() -> Any:
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _hold_sigterm() -> None:
+    """Ignore SIGTERM for the rest of this process: it is writing its safe point, then exits.
+
+    When one node leaves after a safe point the round ends for the others too, and their
+    agents SIGTERM workers that may still be writing that same checkpoint (the agent's SIGKILL
+    after its grace still bounds the wait).
+    """
+    with contextlib.suppress(ValueError):  # not the main thread: the default action stays
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _all_max(dist: Any, value: int) -> int:
@@ -257,6 +270,7 @@ class Runtime:
             self.step_times.append(now - self.last_boundary)
         stop = self._safepoint_requested()
         if stop:
+            _hold_sigterm()
             self.snapshot(sync=True)
             sys.stdout.flush()
             sys.stderr.flush()
@@ -625,7 +639,7 @@ class Runtime:
             while True:
                 if self.loops_due:
                     self._apply_loops()
-                self.loops.observe(sys._getframe(), pass_key)
+                self.loops.fetched(sys._getframe(), pass_key)
                 self.boundary()
                 try:
                     batch = next(iterator)

@@ -28,3 +28,9 @@ class PortReservation:
 
     def __exit__(self, *_: object) -> None:
         self.release()
+
+
+def free_port() -> int:
+    """A TCP port free at this moment, for a server started on it next (tests, benchmarks)."""
+    with PortReservation() as reservation:
+        return reservation.port

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,12 @@ from pathlib import Path
 
 import torch
 
+from lattice.agent.ports import free_port
+
 REPO = Path(__file__).resolve().parents[3]
 ZOO = REPO / "examples" / "zoo"
 BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
 DEADLINE_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Run:

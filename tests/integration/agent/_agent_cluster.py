@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lattice.agent.ports import free_port
+
 REPO = Path(__file__).resolve().parents[3]
 TRAIN = REPO / "examples" / "ddp_train.py"
 LATTICE = [sys.executable, "-m", "lattice"]
@@ -41,12 +43,6 @@ class Step:
     pid: int
     t: float
     node: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def descendants(root: int) -> list[int]:

@@ -36,7 +36,7 @@ class Probe:
             if self.apply:
                 self.applied = self.state.apply(frame)
                 self.apply = False
-            self.state.observe(frame, self.pass_no)
+            self.state.fetched(frame, self.pass_no)
             if i == capture_at:
                 self.saved = self.state.capture(frame)
             yield i
@@ -212,3 +212,20 @@ def test_the_loop_that_fetches_is_not_a_loop_to_resume() -> None:
         "steps": [],
         "unknown": False,
     }
+
+
+def test_fetches_are_sampled_but_a_checkpoint_sees_every_change() -> None:
+    state = loops.LoopState()
+    probe = Probe(state)
+
+    def script() -> int:
+        late = 0  # starts counting long after the fetches stop being observed one by one
+        for i in probe.fetches(40, capture_at=loops.EVERY_FETCH + 5):
+            if i >= loops.EVERY_FETCH + 2:
+                late += 1
+        return late
+
+    script()
+    assert state.fetches == 40
+    (entry,) = probe.saved
+    assert entry["counters"] == {"late": 3}
