@@ -86,6 +86,7 @@ STEP_LOOPS = [
     ("train_steps.py", 30, 27),  # … killed in the third pass
     ("train_range.py", 40, 15),  # for step in range(N): next(it) (range resumed)
     ("train_range.py", 40, 29),  # … killed in the third pass: two passes skipped at once
+    ("train_toplevel.py", 40, 29),  # the same loop at module level: globals, not locals
 ]
 
 
