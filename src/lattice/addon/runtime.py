@@ -343,24 +343,23 @@ class Runtime:
     # snapshot ----------------------------------------------------------------------------
     def snapshot(self, sync: bool) -> None:
         t0 = time.perf_counter()
+        # Every rank's RNG goes into each node's state file: a node whose processes get other
+        # ranks in the next round (a node before it left) still restores from its own tier.
         rng = state.capture_rng()
-        files: dict[str, Any] = {f"rng-{self.rank()}": {"rng": rng}}
-        upload: list[Any] | None = None
-        if self.service is not None:
-            upload = [rng]
-            dist = _dist()
-            if dist is not None and dist.get_world_size() > 1:
-                upload = [None] * dist.get_world_size()
-                dist.all_gather_object(upload, rng)
+        rngs: list[Any] = [rng]
+        dist = _dist()
+        if dist is not None and dist.get_world_size() > 1:
+            rngs = [None] * dist.get_world_size()
+            dist.all_gather_object(rngs, rng)
+        files: dict[str, Any] = {}
         if self.local_rank() == 0:
-            replicated: dict[str, Any] = {"step": self.step, "world": self.world()}
+            replicated: dict[str, Any] = {"step": self.step, "world": self.world(), "rngs": rngs}
             for name, obj in self.objects().items():
                 replicated[name] = state.detached_copy(obj.state_dict())
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
-        if self.rank() != 0:
-            upload = None
+        upload = rngs if self.rank() == 0 and self.service is not None else None
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
         self.stalls.append(time.perf_counter() - t0)
         if sync:
@@ -423,10 +422,8 @@ class Runtime:
         folder = local_tier.step_dir(self.root, step)
         try:
             replicated = local_tier.load(folder / "state.pt")
-            rng_path = folder / f"rng-{self.rank()}.pt"
-            rng = None
-            if self.rank() < int(replicated["world"]) or rng_path.exists():
-                rng = local_tier.load(rng_path)["rng"]
+            rngs = replicated.pop("rngs", [])
+            rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
             _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None

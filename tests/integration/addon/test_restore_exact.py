@@ -65,7 +65,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(launcher: Launcher, da
     (launcher.tmp / "control").unlink()
     steps = sorted((launcher.tmp / "local").glob("step-*"))
     newest = steps[-1]
-    victim = newest / ("state.pt" if damage == "flip" else "rng-1.pt")
+    victim = newest / "state.pt"  # every rank's RNG is in it too
     raw = bytearray(victim.read_bytes())
     if damage == "flip":
         raw[len(raw) // 2] ^= 0xFF

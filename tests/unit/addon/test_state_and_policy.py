@@ -95,3 +95,21 @@ def test_auto_policy_keeps_a_checkpoint_under_3_percent_of_the_steps(
     assert writes == [1, 2] and rt.calibrated
     assert rt.cost_s == pytest.approx(0.5)  # the snapshots themselves took no time here
     assert rt.interval == 1667
+
+
+def test_a_node_local_step_serves_whichever_rank_the_node_has_now(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every rank's RNG is in the node's state file: a re-ranked node restores from it."""
+    monkeypatch.setenv("RANK", "1")  # this node was rank 2 when it wrote the step
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    rngs = [{"who": torch.tensor([r])} for r in range(3)]
+    runtime.local_tier.save(
+        runtime.local_tier.step_dir(tmp_path, 5) / "state.pt", {"step": 5, "world": 3, "rngs": rngs}
+    )
+    got = rt._valid(5)
+    assert got is not None and torch.equal(got["rng"]["who"], torch.tensor([1]))
+    assert "rngs" not in got["state"]
+    monkeypatch.setenv("RANK", "3")  # the world grew: a new rank has no RNG of its own
+    got = rt._valid(5)
+    assert got is not None and got["rng"] is None
