@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from lattice.addon import state
+
 log = logging.getLogger("lattice.addon")
 
 PREFIX = "step-"
@@ -118,24 +120,12 @@ def load(path: Path) -> Any:
         summed = pool.submit(checksum, path)
         try:
             mapped = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            obj, error = _materialised(mapped), None
+            obj, error = state.detached_copy(mapped), None
         except Exception as exc:  # a damaged file; the checksum says which error to report
             obj, error = None, exc
         _check(path, expected, summed.result())
     if error is not None:
         raise error
-    return obj
-
-
-def _materialised(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _materialised(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialised(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialised(v) for v in obj)
     return obj
 
 
