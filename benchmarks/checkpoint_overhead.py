@@ -72,6 +72,9 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             policy_overhead_pct=100 * cost / (rt.interval * step_s),
             stall_s_mean=sum(rt.stalls) / len(rt.stalls),
             stall_s_max=max(rt.stalls),
+            # the next step waiting for a snapshot's node-local write (the durability gate)
+            gate_waits=len(rt.waits),
+            gate_wait_s_total=sum(rt.waits),
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import mmap
 import os
@@ -50,51 +51,73 @@ def _sum_path(path: Path) -> Path:
 
 def checksum(path: Path, threads: int = READ_THREADS) -> str:
     """``<size> <scheme>:<hex>`` of the file at ``path``."""
-    size = path.stat().st_size
-    parts: list[bytes] = []
-    if size:
-        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                starts = range(0, size, CHUNK)
+    if not path.stat().st_size:
+        return digest(b"", threads)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            return digest(view, threads)
+        finally:
+            view.release()
 
-                def one(start: int) -> bytes:
-                    return hashlib.sha256(view[start : start + CHUNK]).digest()
 
-                if threads > 1 and len(starts) > 1:
-                    with ThreadPoolExecutor(min(threads, len(starts))) as pool:
-                        parts = list(pool.map(one, starts))
-                else:
-                    parts = [one(start) for start in starts]
-            finally:
-                view.release()
-    return f"{size} {SCHEME}:{hashlib.sha256(b''.join(parts)).hexdigest()}"
+def digest(data: Any, threads: int = READ_THREADS) -> str:
+    """``<size> <scheme>:<hex>`` of a bytes-like ``data`` (what `checksum` says of its file)."""
+    view = memoryview(data).cast("B")
+    starts = range(0, len(view), CHUNK)
+
+    def one(start: int) -> bytes:
+        return hashlib.sha256(view[start : start + CHUNK]).digest()
+
+    if threads > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+            parts = list(pool.map(one, starts))
+    else:
+        parts = [one(start) for start in starts]
+    return f"{len(view)} {SCHEME}:{hashlib.sha256(b''.join(parts)).hexdigest()}"
 
 
 def save(path: Path, obj: Any) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically, then its checksum file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    summed = _sum_path(path)
-    with contextlib.suppress(FileNotFoundError):
-        summed.unlink()  # a rewrite: the old checksum must not vouch for the new data
+    tmp = _begin(path)
     try:
         torch.save(obj, tmp)
-        digest = checksum(tmp, WRITE_THREADS)
+        summary = checksum(tmp, WRITE_THREADS)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _record(path, summary)
+
+
+def _begin(path: Path) -> Path:
+    """A temporary name for a write of ``path``; an old checksum no longer vouches for it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        _sum_path(path).unlink()
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _record(path: Path, summary: str) -> None:
+    summed = _sum_path(path)
     tmp_sum = summed.with_name(f".{summed.name}.{os.getpid()}.tmp")
-    tmp_sum.write_text(digest + "\n")
+    tmp_sum.write_text(summary + "\n")
     os.replace(tmp_sum, summed)
 
 
-def _expected(path: Path) -> str:
+def recorded(path: Path) -> str | None:
+    """The checksum recorded for ``path`` (None while its write has not finished)."""
     try:
         return _sum_path(path).read_text().strip()
     except FileNotFoundError:
-        raise CorruptFile(f"{path}: no checksum file (write not finished?)") from None
+        return None
+
+
+def _expected(path: Path) -> str:
+    expected = recorded(path)
+    if expected is None:
+        raise CorruptFile(f"{path}: no checksum file (write not finished?)")
+    return expected
 
 
 def _check(path: Path, expected: str, actual: str) -> None:
@@ -127,6 +150,25 @@ def load(path: Path) -> Any:
     if error is not None:
         raise error
     return obj
+
+
+def loads(data: Any, expected: str) -> Any:
+    """`load` for a file's bytes received from elsewhere (a peer): verified, weights only."""
+    _check(Path("<received>"), expected, digest(data))
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def store(path: Path, data: Any, expected: str) -> None:
+    """Put a file's bytes received from elsewhere at ``path``, as `save` would have."""
+    _check(path, expected, digest(data))
+    tmp = _begin(path)
+    try:
+        tmp.write_bytes(memoryview(data).cast("B"))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _record(path, expected)
 
 
 def steps(root: Path) -> list[int]:

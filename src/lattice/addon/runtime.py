@@ -153,6 +153,10 @@ class Runtime:
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
         # (back-pressure) instead of the node-local tier lagging further and further.
         self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue(1)
+        # Steps whose snapshot is queued or being written, oldest first.
+        self._written = threading.Condition()
+        self.writing: list[int] = []
+        self.waits: list[float] = []  # the durability gate's waits (see `_gate`)
         self.service = service_tier.ServiceTier.from_env()
         self.writer = threading.Thread(target=self._write_loop, name="lattice-ckpt", daemon=True)
         self.writer.start()
@@ -293,7 +297,26 @@ class Runtime:
                 # give its buffers back (pinned host memory on a GPU) so this one reuses them.
                 self.queue.join()
             self.snapshot(sync=False)
+        self._gate()
         self.last_boundary = time.perf_counter()
+
+    def _gate(self) -> None:
+        """Before the next step runs, the snapshot taken ``interval`` steps before it is on disk.
+
+        A step's gradients are reduced over every rank before any rank finishes it, so when any
+        rank has finished step K, every rank has passed this gate for it: every snapshot up to
+        K - interval is in its node's tier. A kill -9 then loses at most ``2 * interval - 1``
+        steps, one step with a checkpoint every step (the write of step K - 1 had overlapped step
+        K otherwise, and a kill in between lost two). With a longer interval the write has had
+        ``interval - 1`` steps to finish and this does not wait.
+        """
+        due = self.step + 1 - self.interval
+        with self._written:
+            if not self.writing or self.writing[0] > due:
+                return
+            t0 = time.perf_counter()
+            self._written.wait_for(lambda: not self.writing or self.writing[0] > due)
+        self.waits.append(time.perf_counter() - t0)
 
     def _due(self) -> bool:
         if self.mode != "steps" and not self.calibrated:
@@ -360,6 +383,8 @@ class Runtime:
             replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
         upload = rngs if self.rank() == 0 and self.service is not None else None
+        with self._written:
+            self.writing.append(self.step)
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
         self.stalls.append(time.perf_counter() - t0)
         if sync:
@@ -379,6 +404,10 @@ class Runtime:
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
             finally:
+                with self._written:  # ended, written or not: the gate must not wait forever
+                    with contextlib.suppress(ValueError):
+                        self.writing.remove(item[0])
+                    self._written.notify_all()
                 # Let go of the snapshot before saying it is written: a GPU snapshot's pinned
                 # buffers go back to torch's host cache, and the next snapshot reuses them.
                 del item
@@ -419,14 +448,15 @@ class Runtime:
 
     # restore -----------------------------------------------------------------------------
     def _valid(self, step: int) -> dict[str, Any] | None:
-        folder = local_tier.step_dir(self.root, step)
         try:
-            replicated = local_tier.load(folder / "state.pt")
-            rngs = replicated.pop("rngs", [])
-            rng = rngs[self.rank()] if self.rank() < len(rngs) else None
+            return self._unpack(local_tier.load(local_tier.step_dir(self.root, step) / "state.pt"))
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
             _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None
+
+    def _unpack(self, replicated: dict[str, Any]) -> dict[str, Any]:
+        rngs = replicated.pop("rngs", [])
+        rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
 
     def restore(self) -> None:
@@ -488,33 +518,73 @@ class Runtime:
                     local_tier.prune_step(self.root, newer)
 
     def _agree_local(self, dist: Any) -> tuple[int | None, dict[str, Any] | None]:
-        """The newest local step whose files verify on every rank, and this rank's copy of it.
+        """The newest node-local step any rank can read, and this rank's copy of it.
 
-        Newest first, one step at a time (a 600 MB state is read once, not once per kept step);
-        the ranks drop a step together when any of them cannot use it.
+        Newest first, one step at a time (a 600 MB state is read once, not once per kept step).
+        Ranks whose node lacks the step (a new node, a node that was away) get its file from a
+        rank that has it, over the process group: a replaced node restores as recent a step as
+        the others, without the checkpoint service. A step that two histories wrote (a node that
+        missed a restore kept its own newer steps) differs between nodes: it is not used.
         """
-        candidates = set(local_tier.steps(self.root))
+        mine: dict[int, str | None] = {
+            s: local_tier.recorded(local_tier.step_dir(self.root, s) / "state.pt")
+            for s in local_tier.steps(self.root)
+        }
         distributed = dist is not None and dist.get_world_size() > 1
-        while True:
-            common = set(candidates)
-            if distributed:
-                everyone: list[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(everyone, sorted(candidates))
-                for steps in everyone:
-                    common &= set(steps)
-            if not common:
-                if candidates:
-                    _say("no node-local checkpoint step is usable on every rank")
-                return None, None
-            step = max(common)
-            got = self._valid(step)
+        everyone: list[Any] = [mine]
+        if distributed:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        versions: dict[int, set[str]] = {}  # step → checksums of its finished files
+        for theirs in everyone:
+            for s, recorded in theirs.items():
+                versions.setdefault(s, set()).update([recorded] if recorded else [])
+        for step in sorted(versions, reverse=True):
+            if len(versions[step]) > 1:
+                _say(f"node-local checkpoints of step {step} differ between nodes; not used")
+            if len(versions[step]) != 1:
+                continue
+            summary = next(iter(versions[step]))
+            got = self._valid(step) if mine.get(step) == summary else None
             usable = [got is not None]
             if distributed:
                 usable = [None] * dist.get_world_size()
                 dist.all_gather_object(usable, got is not None)
-            if all(usable):
-                return step, got
-            candidates.discard(step)
+            if not any(usable):
+                continue
+            if not all(usable):
+                got = self._share(dist, step, usable.index(True), summary, got)
+            return step, got
+        if versions:
+            _say("no node-local checkpoint step is usable on any rank")
+        return None, None
+
+    def _share(
+        self, dist: Any, step: int, src: int, summary: str, got: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """Send rank ``src``'s file of ``step`` to every rank; those without a copy load it."""
+        path = local_tier.step_dir(self.root, step) / "state.pt"
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.rank() == src:
+            payload = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+        else:
+            size = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.broadcast(size, src=src)
+        if self.rank() != src:
+            payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        buffer = payload.to(device)
+        dist.broadcast(buffer, src=src)
+        if got is not None:
+            return got
+        data = buffer.cpu().numpy()
+        if self.local_rank() == 0:  # the node keeps it: a later restart here reads it locally
+            local_tier.prune_step(self.root, step)
+            local_tier.store(path, data, summary)
+        _say(f"node-local checkpoint of step {step} received from rank {src}")
+        return self._unpack(local_tier.loads(data, summary))
 
     def _service_step(self, dist: Any) -> int | None:
         """The service's newest step as rank 0 sees it, the same on every rank."""

@@ -53,7 +53,10 @@ class Launcher:
         self.runs: list[Run] = []
         self.rounds = 0
 
-    def start(self, script: str, world: int, *, lattice: bool = True, **extra: str) -> Run:
+    def start(
+        self, script: str, world: int, *, lattice: bool = True, nodes: int = 1, **extra: str
+    ) -> Run:
+        """``world`` ranks over ``nodes`` nodes, each node with its own local tier."""
         self.rounds += 1
         port = free_port()
         procs, logs = [], []
@@ -61,9 +64,9 @@ class Launcher:
             env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
             env.update(
                 RANK=str(rank),
-                LOCAL_RANK=str(rank),
+                LOCAL_RANK=str(rank % (world // nodes)),
                 WORLD_SIZE=str(world),
-                LOCAL_WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world // nodes),
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
                 OMP_NUM_THREADS="1",
@@ -74,7 +77,7 @@ class Launcher:
                 env.update(
                     LATTICE_JOB="zoo",
                     LATTICE_ROUND=str(self.rounds),
-                    LATTICE_LOCAL_CKPT_DIR=str(self.tmp / "local"),
+                    LATTICE_LOCAL_CKPT_DIR=str(self.local_dir(rank // (world // nodes))),
                     LATTICE_CONTROL_FILE=str(self.tmp / "control"),
                 )
             env.update(extra)
@@ -94,6 +97,10 @@ class Launcher:
         run = Run(procs, logs)
         self.runs.append(run)
         return run
+
+    def local_dir(self, node: int) -> Path:
+        """Node ``node``'s local tier (node 0's is the one of a single-node run)."""
+        return self.tmp / "local" if node == 0 else self.tmp / f"local-node{node}"
 
     def close(self) -> None:
         for run in self.runs:

@@ -1,9 +1,10 @@
-"""Service tier: a restart on a node with an empty local tier restores from the service."""
+"""A restart on a node with an empty local tier: from its peers, else from the service."""
 
 from __future__ import annotations
 
 import shutil
 
+from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 from lattice.checkpoint.client import CheckpointClient
 from lattice.checkpoint.server import create_app
@@ -43,3 +44,23 @@ def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> No
         assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
     finally:
         svc.stop()
+
+
+def test_new_node_gets_the_newest_step_from_a_peer(launcher: Launcher) -> None:
+    """No checkpoint service: node 1 is replaced (its local tier is empty), node 0 has the step;
+    the new node receives it over the process group and the run ends bitwise equal."""
+    expected = baseline(launcher, "train_epochs.py", 2)
+    env = {"LATTICE_CHECKPOINT_EVERY": "2", "ZOO_OUT": str(launcher.tmp / "resumed.pt")}
+    first = launcher.start("train_epochs.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+    poll(lambda: len(id_lines(launcher.tmp)) >= 7, "training progress")
+    (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+    assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+    (launcher.tmp / "control").unlink()
+    step = len(id_lines(launcher.tmp))
+    assert step_dir(launcher.local_dir(1), step).is_dir()
+    shutil.rmtree(launcher.local_dir(1))  # a new node: nothing in its local tier
+    second = launcher.start("train_epochs.py", 2, nodes=2, **env)
+    assert second.wait() == [0, 0], second.output()
+    assert f"node-local checkpoint of step {step} received from rank 0" in second.output()
+    assert f"restored step {step} from " in second.output()
+    assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))

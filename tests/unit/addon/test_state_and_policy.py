@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import weakref
 from pathlib import Path
 
@@ -113,3 +114,35 @@ def test_a_node_local_step_serves_whichever_rank_the_node_has_now(
     monkeypatch.setenv("RANK", "3")  # the world grew: a new rank has no RNG of its own
     got = rt._valid(5)
     assert got is not None and got["rng"] is None
+
+
+def test_the_next_step_waits_until_a_snapshot_interval_steps_old_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The durability gate: with a checkpoint every 3 steps, the snapshot of step 3 may still be
+    written during steps 4 and 5, not once step 6 starts (a kill -9 loses at most 5 steps)."""
+    rt = runtime.Runtime(tmp_path, None, ("steps", 3.0))
+    release = threading.Event()
+    written: list[int] = []
+
+    def write(step: int, files: object, upload: object) -> None:
+        assert release.wait(30)
+        written.append(step)
+
+    monkeypatch.setattr(rt, "_write", write)
+
+    def finish_step() -> None:
+        rt.step += 1
+        rt.pending = True
+        rt.boundary()
+
+    for _ in range(4):  # step 3's snapshot is taken, its write hangs; steps 4 and 5 start
+        finish_step()
+    assert rt.writing == [3] and written == [] and rt.waits == []
+    fifth = threading.Thread(target=finish_step)  # step 5 ends: step 6 needs step 3 written
+    fifth.start()
+    fifth.join(0.3)
+    assert fifth.is_alive(), "step 6 may start while the snapshot of step 3 is unwritten"
+    release.set()
+    fifth.join(30)
+    assert not fifth.is_alive() and written == [3] and rt.writing == [] and len(rt.waits) == 1
