@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lattice.addon import data, hf, local_tier, loops, protocol, service_tier, state
+from lattice.addon import data, hf, local_tier, loops, protocol, service_tier, sharded, state
 
 log = logging.getLogger("lattice.addon")
 
@@ -138,6 +138,7 @@ class Runtime:
         self.loader_driven = False
         self.open_passes: dict[int, data.LoaderTrack] = {}  # id → loaders mid-pass right now
         self.restore_done = False
+        self.loading = False  # optimizer steps taken while loading state are not steps
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
@@ -252,7 +253,7 @@ class Runtime:
 
     # step boundary -----------------------------------------------------------------------
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer is not None:
+        if self.trainer is not None or self.loading:
             return  # Trainer's on_step_end is the boundary (trainer_step_end)
         live = self._alive(self.optimizers)
         if not live or live[0] is not optimizer:
@@ -374,11 +375,18 @@ class Runtime:
         if dist is not None and dist.get_world_size() > 1:
             rngs = [None] * dist.get_world_size()
             dist.all_gather_object(rngs, rng)
+        objects = self.objects()
+        full = sharded.full_states(objects)  # a collective, with a sharded (FSDP) model
         files: dict[str, Any] = {}
-        if self.local_rank() == 0:
+        # A sharded model's full state is on rank 0 only: the other nodes write no file, and
+        # receive rank 0's at restore.
+        if self.local_rank() == 0 and (full is None or self.rank() == 0):
             replicated: dict[str, Any] = {"step": self.step, "world": self.world(), "rngs": rngs}
-            for name, obj in self.objects().items():
-                replicated[name] = state.detached_copy(obj.state_dict())
+            for name, obj in objects.items():
+                if full is not None and name in full:
+                    replicated[name] = full[name]
+                else:
+                    replicated[name] = state.detached_copy(obj.state_dict())
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
@@ -484,8 +492,14 @@ class Runtime:
             self._prune_newer(step)
             _say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
             return
-        for name, obj in self.objects().items():
-            if name in replicated:
+        objects = self.objects()
+        self.loading = True  # loading a sharded optimizer steps it once with lr 0
+        try:
+            loaded = sharded.load(objects, replicated)
+        finally:
+            self.loading = False
+        for name, obj in objects.items():
+            if name in replicated and name not in loaded:
                 obj.load_state_dict(replicated[name])
         positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
         self.resume_positions = positions

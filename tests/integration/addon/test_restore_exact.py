@@ -22,6 +22,7 @@ CASES = [
     ("train_trainer.py", 1, 11),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9),  # … restored at the end of an epoch (8 steps per epoch)
     ("train_trainer.py", 2, 7),  # … two processes (DDP over gloo), 4 steps per epoch
+    ("train_fsdp.py", 2, 9),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
 ]
 
 

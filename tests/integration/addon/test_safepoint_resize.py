@@ -6,9 +6,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import torch
+
+from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
-from .harness import Launcher, id_lines, poll
+from .harness import Launcher, bitwise_equal, id_lines, params, poll
 
 SAMPLES = 72  # batch 6: every prefix consumed at world 2 or 3 leaves a remainder that splits evenly
 ENV = {"ZOO_SAMPLES": str(SAMPLES), "ZOO_BATCH": "6", "ZOO_STEP_SLEEP": "0.15"}
@@ -51,3 +54,30 @@ def test_resize_two_three_two_consumes_every_sample_once(launcher: Launcher) -> 
     for epoch, counts in seen.items():
         assert counts == Counter(range(SAMPLES)), f"epoch {epoch}: {counts}"
     assert re.search(r"restored step \d+", third.output())
+
+
+def test_fsdp_state_is_resharded_when_the_world_grows(launcher: Launcher) -> None:
+    """fully_shard over 2 nodes, a safe point mid-epoch, then 3 nodes: the full state taken on
+    rank 0 is sharded again for 3 ranks (the new nodes receive rank 0's file), the restored
+    parameters are bitwise the checkpoint's, and every sample is consumed once per epoch."""
+    out = launcher.tmp / "final.pt"
+    launcher.start("train_fsdp.py", 2, nodes=2, ZOO_OUT=str(out), **ENV)
+    step = safepoint(launcher, 2, after=8)  # mid-epoch 1 (6 batches per epoch at world 2)
+    saved = torch.load(
+        step_dir(launcher.local_dir(0), step) / "state.pt", weights_only=True, map_location="cpu"
+    )["model.0"]
+    assert not step_dir(launcher.local_dir(1), step).exists()  # the full state is on rank 0
+    # The script's loop ends before the checkpoint's epoch: it saves what was restored.
+    peek = launcher.start("train_fsdp.py", 3, nodes=3, ZOO_OUT=str(out), ZOO_EPOCHS="1", **ENV)
+    assert peek.wait() == [0, 0, 0], peek.output()
+    assert f"restored step {step}" in peek.output()
+    assert f"node-local checkpoint of step {step} received from rank 0" in peek.output()
+    assert bitwise_equal(saved, params(out))
+    out.unlink()
+    rest = launcher.start("train_fsdp.py", 3, nodes=3, ZOO_OUT=str(out), **ENV)
+    assert rest.wait() == [0, 0, 0], rest.output()
+    assert f"restored step {step}" in rest.output() and out.exists()
+    seen = consumed_per_epoch(launcher.tmp)
+    assert sorted(seen) == [0, 1, 2]
+    for epoch, counts in seen.items():
+        assert counts == Counter(range(SAMPLES)), f"epoch {epoch}: {counts}"
