@@ -387,6 +387,8 @@ class Runtime:
                     replicated[name] = full[name]
                 else:
                     replicated[name] = state.detached_copy(obj.state_dict())
+            if full is not None:
+                replicated[sharded.KEY] = sorted(full)
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
@@ -457,12 +459,17 @@ class Runtime:
     # restore -----------------------------------------------------------------------------
     def _valid(self, step: int) -> dict[str, Any] | None:
         try:
-            return self._unpack(local_tier.load(local_tier.step_dir(self.root, step) / "state.pt"))
+            path = local_tier.step_dir(self.root, step) / "state.pt"
+            return self._unpack(
+                local_tier.load(path, None if self.rank() == 0 else sharded.without_full)
+            )
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
             _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None
 
     def _unpack(self, replicated: dict[str, Any]) -> dict[str, Any]:
+        if self.rank() != 0:  # full states of sharded objects: rank 0 broadcasts them
+            sharded.without_full(replicated)
         rngs = replicated.pop("rngs", [])
         rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
@@ -495,7 +502,7 @@ class Runtime:
         objects = self.objects()
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
         try:
-            loaded = sharded.load(objects, replicated)
+            loaded = sharded.load(objects, replicated, self.rank())
         finally:
             self.loading = False
         for name, obj in objects.items():
