@@ -82,7 +82,10 @@ def save(path: Path, obj: Any) -> None:
     """``torch.save`` ``obj`` to ``path`` atomically, then its checksum file."""
     tmp = _begin(path)
     try:
-        torch.save(obj, tmp)
+        # Through a file object: given a path, torch.save names the archive inside after the
+        # file (ours has a pid in it), and two nodes' files of one state would differ in bytes.
+        with open(tmp, "wb") as out:
+            torch.save(obj, out)
         summary = checksum(tmp, WRITE_THREADS)
         os.replace(tmp, path)
     except BaseException:

@@ -478,8 +478,8 @@ class Runtime:
         """Load the newest checkpoint every rank has, once, before the first batch."""
         self.restore_done = True
         dist = _dist()
-        step, local = self._agree_local(dist)
         remote = self._service_step(dist)
+        step, local = self._agree_local(dist, newer_than=remote)
         if remote is not None and (step is None or remote > step):
             got = self._download()
             if got is None:
@@ -538,8 +538,11 @@ class Runtime:
                 if newer > step:
                     local_tier.prune_step(self.root, newer)
 
-    def _agree_local(self, dist: Any) -> tuple[int | None, dict[str, Any] | None]:
-        """The newest node-local step any rank can read, and this rank's copy of it.
+    def _agree_local(
+        self, dist: Any, newer_than: int | None = None
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """The newest node-local step any rank can read, and this rank's copy of it; only steps
+        at least as new as the service's ``newer_than`` (an older one would not be used).
 
         Newest first, one step at a time (a 600 MB state is read once, not once per kept step).
         Ranks whose node lacks the step (a new node, a node that was away) get its file from a
@@ -561,6 +564,8 @@ class Runtime:
             for s, recorded in theirs.items():
                 versions.setdefault(s, set()).update([recorded] if recorded else [])
         for step in sorted(versions, reverse=True):
+            if newer_than is not None and step < newer_than:
+                break
             if len(versions[step]) > 1:
                 _say(f"node-local checkpoints of step {step} differ between nodes; not used")
             if len(versions[step]) != 1:
@@ -576,7 +581,7 @@ class Runtime:
             if not all(usable):
                 got = self._share(dist, step, usable.index(True), summary, got)
             return step, got
-        if versions:
+        if versions and newer_than is None:
             _say("no node-local checkpoint step is usable on any rank")
         return None, None
 

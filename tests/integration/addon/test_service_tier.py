@@ -1,4 +1,5 @@
-"""A restart on a node with an empty local tier: from its peers, else from the service."""
+"""Restarts over several nodes: each node from its own tier; a node with an empty tier from
+its peers, else from the service."""
 
 from __future__ import annotations
 
@@ -63,4 +64,26 @@ def test_new_node_gets_the_newest_step_from_a_peer(launcher: Launcher) -> None:
     assert second.wait() == [0, 0], second.output()
     assert f"node-local checkpoint of step {step} received from rank 0" in second.output()
     assert f"restored step {step} from " in second.output()
+    assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
+
+
+def test_every_node_restores_from_its_own_tier(launcher: Launcher) -> None:
+    """Two nodes wrote the same steps (each its own file): they agree on the newest and each
+    reads its own copy; nothing crosses the network and no step is refused."""
+    expected = baseline(launcher, "train_epochs.py", 2)
+    env = {"LATTICE_CHECKPOINT_EVERY": "2", "ZOO_OUT": str(launcher.tmp / "resumed.pt")}
+    first = launcher.start("train_epochs.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+    poll(lambda: len(id_lines(launcher.tmp)) >= 7, "training progress")
+    (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+    assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+    (launcher.tmp / "control").unlink()
+    step = len(id_lines(launcher.tmp))
+    second = launcher.start("train_epochs.py", 2, nodes=2, **env)
+    assert second.wait() == [0, 0], second.output()
+    for node in (0, 1):
+        assert f"restored step {step} from {step_dir(launcher.local_dir(node), step)}" in (
+            second.output()
+        )
+    assert "differ between nodes" not in second.output()
+    assert "received from" not in second.output()
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))

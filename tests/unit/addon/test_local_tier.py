@@ -35,6 +35,21 @@ def test_a_non_zero_rank_copies_no_full_state_of_a_sharded_model(tmp_path: Path)
         local_tier.load(path, sharded.without_full)
 
 
+def test_two_nodes_files_of_one_state_have_one_checksum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes compare checksums to tell one history from two: the same state saved by two
+    processes (different pids, different temporary names) must give the same bytes."""
+    obj = {"w": torch.arange(100, dtype=torch.float32), "step": 7}
+    recorded = []
+    for node, pid in (("a", 1111), ("b", 2222)):
+        monkeypatch.setattr(local_tier.os, "getpid", lambda pid=pid: pid)
+        path = local_tier.step_dir(tmp_path / node, 7) / "state.pt"
+        local_tier.save(path, obj)
+        recorded.append(local_tier.recorded(path))
+    assert recorded[0] is not None and recorded[0] == recorded[1]
+
+
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Chunks of 1 KiB: the multi-chunk, multi-thread path on a small file."""
