@@ -33,6 +33,7 @@ log = logging.getLogger("lattice.addon")
 PREFIX = "step-"
 CHUNK = 16 << 20
 SUM_SUFFIX = ".sha256"
+ROUND_FILE = "round"  # the rendezvous round that wrote a step (see `ranked`)
 SCHEME = f"sha256-tree-{CHUNK}"
 WRITE_THREADS = 2  # the write runs beside training: leave it the cores
 READ_THREADS = min(8, os.cpu_count() or 1)  # restore is on the critical path
@@ -197,3 +198,45 @@ def prune(root: Path, keep: int) -> None:
 def prune_step(root: Path, step: int) -> None:
     """Delete one step's directory (a newer, incomplete step left by a crash)."""
     shutil.rmtree(step_dir(root, step), ignore_errors=True)
+
+
+def mark_round(folder: Path, generation: int) -> None:
+    """Record the rendezvous round that wrote ``folder``'s step (before its files are written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ROUND_FILE).write_text(f"{generation}\n")
+
+
+def round_of(folder: Path) -> int:
+    """The round `mark_round` recorded; 0 when none was."""
+    try:
+        return int((folder / ROUND_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+Key = tuple[int, int]  # (round, step): the order of checkpoints across histories
+
+
+def ranked(
+    holdings: list[dict[int, tuple[str | None, int]]], newer_than: Key | None
+) -> list[tuple[int, set[str], int]]:
+    """The steps the ranks hold, best first, as (step, checksums of its finished files, round).
+
+    Rounds are rendezvous generations, which only grow: a round that restored step R writes
+    R + 1, R + 2, ... So a step from an older round with a higher number than a newer round's
+    steps belongs to a history the newer round abandoned (a node that was away kept it) and
+    comes after them. Steps older than the service's ``newer_than`` are left out.
+    """
+    found: dict[int, tuple[set[str], int]] = {}
+    for held in holdings:
+        for step, (summary, generation) in held.items():
+            sums, best = found.get(step, (set(), 0))
+            if summary:
+                sums.add(summary)
+            found[step] = (sums, max(best, generation))
+    order = sorted(found, key=lambda st: (found[st][1], st), reverse=True)
+    return [
+        (st, found[st][0], found[st][1])
+        for st in order
+        if newer_than is None or (found[st][1], st) >= newer_than
+    ]

@@ -118,6 +118,10 @@ class Runtime:
 
     def __init__(self, root: Path, control: str | None, every: tuple[str, float]) -> None:
         self.root = root
+        round_env = os.environ.get(protocol.ENV_ROUND, "")
+        # The rendezvous round (generation) this process trains in: checkpoints are ordered by
+        # it before their step (see local_tier.ranked).
+        self.generation = int(round_env) if round_env.isdigit() else 0
         self.control = control
         self.mode, self.every = every
         self.interval = int(self.every) if self.mode == "steps" else 1
@@ -426,6 +430,8 @@ class Runtime:
     def _write(self, step: int, files: dict[str, Any], upload: list[Any] | None) -> None:
         t0 = time.perf_counter()
         folder = local_tier.step_dir(self.root, step)
+        if files:
+            local_tier.mark_round(folder, self.generation)
         for name, obj in files.items():
             local_tier.save(folder / f"{name}.pt", obj)
         if "state" in files:
@@ -446,7 +452,7 @@ class Runtime:
                 self._upload_next, self._uploading = None, True
             try:
                 # The bytes written to the node-local tier: no second serialisation.
-                self.service.upload(step, (folder / "state.pt").read_bytes(), rngs)
+                self.service.upload(step, (folder / "state.pt").read_bytes(), rngs, self.generation)
             except FileNotFoundError:
                 pass  # pruned: a newer step was written meanwhile, and is offered next
             except Exception as exc:  # a failed upload must not kill training
@@ -478,9 +484,9 @@ class Runtime:
         """Load the newest checkpoint every rank has, once, before the first batch."""
         self.restore_done = True
         dist = _dist()
-        remote = self._service_step(dist)
+        remote = self._service_step(dist)  # (round, step) of the service's newest
         step, local = self._agree_local(dist, newer_than=remote)
-        if remote is not None and (step is None or remote > step):
+        if remote is not None and step is None:  # nothing local as new as the service's
             got = self._download()
             if got is None:
                 return
@@ -539,19 +545,22 @@ class Runtime:
                     local_tier.prune_step(self.root, newer)
 
     def _agree_local(
-        self, dist: Any, newer_than: int | None = None
+        self, dist: Any, newer_than: local_tier.Key | None = None
     ) -> tuple[int | None, dict[str, Any] | None]:
-        """The newest node-local step any rank can read, and this rank's copy of it; only steps
+        """The best node-local step any rank can read, and this rank's copy of it; only steps
         at least as new as the service's ``newer_than`` (an older one would not be used).
 
-        Newest first, one step at a time (a 600 MB state is read once, not once per kept step).
-        Ranks whose node lacks the step (a new node, a node that was away) get its file from a
-        rank that has it, over the process group: a replaced node restores as recent a step as
-        the others, without the checkpoint service. A step that two histories wrote (a node that
-        missed a restore kept its own newer steps) differs between nodes: it is not used.
+        Best is newest round, then newest step (`local_tier.ranked`). One step at a time (a
+        600 MB state is read once, not once per kept step). Ranks whose node lacks the step (a
+        new node, a node that was away) get its file from a rank that has it, over the process
+        group: a replaced node restores as recent a step as the others, without the checkpoint
+        service. A step that two histories wrote differs between nodes: it is not used.
         """
-        mine: dict[int, str | None] = {
-            s: local_tier.recorded(local_tier.step_dir(self.root, s) / "state.pt")
+        mine = {
+            s: (
+                local_tier.recorded(local_tier.step_dir(self.root, s) / "state.pt"),
+                local_tier.round_of(local_tier.step_dir(self.root, s)),
+            )
             for s in local_tier.steps(self.root)
         }
         distributed = dist is not None and dist.get_world_size() > 1
@@ -559,19 +568,14 @@ class Runtime:
         if distributed:
             everyone = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, mine)
-        versions: dict[int, set[str]] = {}  # step → checksums of its finished files
-        for theirs in everyone:
-            for s, recorded in theirs.items():
-                versions.setdefault(s, set()).update([recorded] if recorded else [])
-        for step in sorted(versions, reverse=True):
-            if newer_than is not None and step < newer_than:
-                break
-            if len(versions[step]) > 1:
+        candidates = local_tier.ranked(everyone, newer_than)
+        for step, sums, generation in candidates:
+            if len(sums) > 1:
                 _say(f"node-local checkpoints of step {step} differ between nodes; not used")
-            if len(versions[step]) != 1:
+            if len(sums) != 1:
                 continue
-            summary = next(iter(versions[step]))
-            got = self._valid(step) if mine.get(step) == summary else None
+            summary = next(iter(sums))
+            got = self._valid(step) if mine.get(step, (None, 0))[0] == summary else None
             usable = [got is not None]
             if distributed:
                 usable = [None] * dist.get_world_size()
@@ -579,14 +583,20 @@ class Runtime:
             if not any(usable):
                 continue
             if not all(usable):
-                got = self._share(dist, step, usable.index(True), summary, got)
+                got = self._share(dist, step, usable.index(True), summary, got, generation)
             return step, got
-        if versions and newer_than is None:
+        if candidates:
             _say("no node-local checkpoint step is usable on any rank")
         return None, None
 
     def _share(
-        self, dist: Any, step: int, src: int, summary: str, got: dict[str, Any] | None
+        self,
+        dist: Any,
+        step: int,
+        src: int,
+        summary: str,
+        got: dict[str, Any] | None,
+        generation: int,
     ) -> dict[str, Any]:
         """Send rank ``src``'s file of ``step`` to every rank; those without a copy load it."""
         path = local_tier.step_dir(self.root, step) / "state.pt"
@@ -608,18 +618,19 @@ class Runtime:
         data = buffer.cpu().numpy()
         if self.local_rank() == 0:  # the node keeps it: a later restart here reads it locally
             local_tier.prune_step(self.root, step)
+            local_tier.mark_round(path.parent, generation)
             local_tier.store(path, data, summary)
         _say(f"node-local checkpoint of step {step} received from rank {src}")
         return self._unpack(local_tier.loads(data, summary))
 
-    def _service_step(self, dist: Any) -> int | None:
-        """The service's newest step as rank 0 sees it, the same on every rank."""
+    def _service_step(self, dist: Any) -> local_tier.Key | None:
+        """(round, step) of the service's newest as rank 0 sees it, the same on every rank."""
         if self.service is None:
             return None
         remote = None
         if self.rank() == 0:
             try:
-                remote = self.service.latest_step()
+                remote = self.service.latest()
             except Exception as exc:
                 _say(f"checkpoint service not usable for restore: {exc}")
         if dist is not None and dist.get_world_size() > 1:

@@ -33,17 +33,22 @@ class ServiceTier:
         except ImportError:  # lattice.checkpoint not installed: node-local tier only
             return None
 
-    def upload(self, step: int, replicated: bytes, rngs: list[Any]) -> None:
-        """Upload one checkpoint: ``replicated`` is the state as ``torch.save`` wrote it."""
+    def upload(self, step: int, replicated: bytes, rngs: list[Any], generation: int) -> None:
+        """Upload one checkpoint: ``replicated`` is the state as ``torch.save`` wrote it;
+        ``generation`` the rendezvous round that took it."""
         shards = {
             "state": self.client.put_shard(step, "state", replicated),
             "rng": self.client.put_shard(step, "rng", state.dumps({"ranks": rngs})),
         }
-        self.client.commit(step, shards, {"world": len(rngs)}, keep=self.keep)
+        self.client.commit(step, shards, {"world": len(rngs), "round": generation}, keep=self.keep)
 
-    def latest_step(self) -> int | None:
+    def latest(self) -> tuple[int, int] | None:
+        """(round, step) of the newest good checkpoint (round 0 when it has none)."""
         manifest = self.client.latest_good()
-        return manifest.step if manifest is not None else None
+        if manifest is None:
+            return None
+        generation = manifest.meta.get("round", 0)
+        return (generation if isinstance(generation, int) else 0), manifest.step
 
     def download(self, rank: int) -> tuple[int, dict[str, Any], Any] | None:
         """(step, replicated state, this rank's RNG or None) of the newest good checkpoint."""

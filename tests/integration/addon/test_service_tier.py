@@ -38,6 +38,7 @@ def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> No
         with CheckpointClient(svc.endpoint, "zoo", token) as client:
             latest = client.latest_good()
         assert latest is not None and latest.step == len(id_lines(launcher.tmp))
+        assert latest.meta["round"] == launcher.rounds  # the round that took it orders it
         shutil.rmtree(launcher.tmp / "local")  # a new node: nothing in its local tier
         second = launcher.start("train_epochs.py", 2, **env)
         assert second.wait() == [0, 0], second.output()

@@ -99,3 +99,31 @@ def test_a_rewrite_drops_the_old_checksum_before_the_data_changes(tmp_path: Path
     local_tier.save(path, {"v": torch.ones(3)})
     assert summed.read_text() != old
     assert torch.equal(local_tier.load(path)["v"], torch.ones(3))
+
+
+def test_a_newer_rounds_steps_come_before_an_abandoned_historys_higher_steps() -> None:
+    """The soak's case: round 854 reached step 6294 on all nodes; round 855 (node C away)
+    restored the service's 6222 and wrote up to 6280; C is back in round 856. C's 6294 belongs
+    to the abandoned history and must come after the newer round's steps."""
+    nodes_a_b = {6280: ("sum-6280", 855), 6279: ("sum-6279", 855)}
+    node_c = {6294: ("old-6294", 854), 6293: ("old-6293", 854)}
+    order = local_tier.ranked([nodes_a_b, nodes_a_b, node_c], None)
+    assert [step for step, _, _ in order] == [6280, 6279, 6294, 6293]
+    assert order[0] == (6280, {"sum-6280"}, 855)
+    # Within one round the newest step wins; two checksums for one step are both reported.
+    same = local_tier.ranked([{5: ("x", 9), 4: ("y", 9)}, {5: ("z", 9), 6: (None, 9)}], None)
+    assert same == [(6, set(), 9), (5, {"x", "z"}, 9), (4, {"y"}, 9)]
+
+
+def test_steps_older_than_the_services_newest_are_left_out() -> None:
+    held = [{10: ("a", 3), 12: ("b", 3)}]
+    assert [s for s, _, _ in local_tier.ranked(held, (3, 11))] == [12]
+    assert [s for s, _, _ in local_tier.ranked(held, (3, 12))] == [12]  # a tie: local is read
+    assert local_tier.ranked(held, (4, 1)) == []  # the service's round is newer
+
+
+def test_a_steps_round_is_recorded_beside_it(tmp_path: Path) -> None:
+    folder = local_tier.step_dir(tmp_path, 3)
+    assert local_tier.round_of(folder) == 0  # none recorded: older than any round
+    local_tier.mark_round(folder, 60766960855)
+    assert local_tier.round_of(folder) == 60766960855
