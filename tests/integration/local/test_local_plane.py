@@ -181,6 +181,13 @@ def test_job_runs_to_success_and_every_command_shows_it(plane: Plane) -> None:
     leftover.mkdir(parents=True)
     final = plane.phase("tiny", "Succeeded")
     plane.wait(lambda: not leftover.parent.parent.exists(), 30, "node-local tier released")
+    # A pod that was still terminating at the release leaves files after it: `lattice up`
+    # drops a finished job's tier when it stops (the soak stopped it right after Succeeded).
+    late = local_job_dir(parse_job(plane.get("tiny")).job_id) / "node-late" / "step-4"
+    late.mkdir(parents=True)
+    assert plane.stop() == 0
+    assert not late.parent.parent.exists(), "a finished job's tier is dropped at shutdown"
+    plane.start()
     obj = plane.get("tiny")
     assert obj["kind"] == "TrainingJob" and obj["apiVersion"] == "exabits.ai/v1"
     assert final["phase"] == "Succeeded"

@@ -171,6 +171,14 @@ class ControlPlane:
 
     async def shutdown(self) -> None:
         await self.pods.stop_all(self.config.worker_grace_s)
+        # A job that finished in the last cycles may still have had a pod terminating then
+        # (that pod's files outlive the release): its tier goes here, with every pod stopped.
+        # Unfinished jobs keep theirs (the next `lattice up` resumes them from it).
+        for raw, _deleting in self.store.jobs():
+            with contextlib.suppress(UserError):
+                job = parse_job(raw)
+                if job.current_status().terminal:
+                    shutil.rmtree(local_job_dir(job.job_id), ignore_errors=True)
         if self.rendezvous is not None:
             await self.rendezvous.close()
         for svc in self._services:
