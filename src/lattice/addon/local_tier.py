@@ -19,7 +19,6 @@ import logging
 import mmap
 import os
 import shutil
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -135,22 +134,19 @@ def verify(path: Path) -> None:
     _check(path, _expected(path), checksum(path))
 
 
-def load(path: Path, prune: Callable[[Any], Any] | None = None) -> Any:
+def load(path: Path) -> Any:
     """The verified contents of ``path``, loaded with ``weights_only=True`` onto the CPU.
 
     The checksum is computed while the file is read: ``torch.load`` maps the file (its sizes
     cannot make it allocate more than the file holds, even when corrupt) and the tensors are
     copied out of the mapping, so nothing keeps the file's pages once it is pruned. Nothing
-    loaded is returned unless the checksum matched. ``prune`` drops what this process does not
-    need before anything is copied.
+    loaded is returned unless the checksum matched.
     """
     expected = _expected(path)
     with ThreadPoolExecutor(1) as pool:
         summed = pool.submit(checksum, path)
         try:
             mapped = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            if prune is not None:
-                mapped = prune(mapped)
             obj, error = state.detached_copy(mapped), None
         except Exception as exc:  # a damaged file; the checksum says which error to report
             obj, error = None, exc

@@ -21,6 +21,7 @@ import threading
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,18 @@ def parse_every(raw: str | None) -> tuple[str, float]:
     raise UserError(f"LATTICE_CHECKPOINT_EVERY={raw!r}: expected N (steps) or Ns (seconds)")
 
 
+@dataclass
+class _Upload:
+    """What a snapshot's upload sends: files of its step folder, the RNG states (rank 0), and
+    whether to commit right after (``commit`` set) or to commit an earlier step first
+    (``later``: a sharded step that every rank has uploaded)."""
+
+    names: list[str]
+    rngs: list[Any] | None
+    commit: dict[str, Any] | None
+    later: dict[str, Any] | None = None
+
+
 class Runtime:
     """One per process; created by `activate`."""
 
@@ -157,7 +170,7 @@ class Runtime:
         self.write_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
         # (back-pressure) instead of the node-local tier lagging further and further.
-        self.queue: queue.Queue[tuple[int, dict[str, Any], list[Any] | None]] = queue.Queue(1)
+        self.queue: queue.Queue[tuple[int, dict[str, Any], _Upload | None]] = queue.Queue(1)
         # Steps whose snapshot is queued or being written, oldest first.
         self._written = threading.Condition()
         self.writing: list[int] = []
@@ -168,8 +181,11 @@ class Runtime:
         # Uploads run on their own thread and only the newest written step is uploaded: a
         # slow or restarting checkpoint service never holds back the node-local tier.
         self._uploads = threading.Condition()
-        self._upload_next: tuple[int, Path, list[Any]] | None = None
+        self._upload_next: tuple[int, Path, _Upload] | None = None
         self._uploading = False
+        self._claimed = False  # a sharded upload decided, its write not yet done
+        self.uploaded: tuple[int, dict[str, Any]] | None = None  # step, shards: last upload
+        self.committed = -1  # the newest step this process committed
         if self.service is not None:
             threading.Thread(target=self._upload_loop, name="lattice-upload", daemon=True).start()
 
@@ -371,38 +387,96 @@ class Runtime:
     # snapshot ----------------------------------------------------------------------------
     def snapshot(self, sync: bool) -> None:
         t0 = time.perf_counter()
+        objects = self.objects()
+        # A sharded (FSDP) model: each rank keeps its own pieces (no gather, see sharded.py).
+        local = sharded.local_states(objects)
         # Every rank's RNG goes into each node's state file: a node whose processes get other
         # ranks in the next round (a node before it left) still restores from its own tier.
-        rng = state.capture_rng()
-        rngs: list[Any] = [rng]
+        # With pieces to upload, the ranks' upload reports travel along (see `_coordinate`).
+        mine = (state.capture_rng(), *self._upload_report(local is not None))
+        gathered: list[Any] = [mine]
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
-            rngs = [None] * dist.get_world_size()
-            dist.all_gather_object(rngs, rng)
-        objects = self.objects()
-        full = sharded.full_states(objects)  # a collective, with a sharded (FSDP) model
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+        rngs = [g[0] for g in gathered]
         files: dict[str, Any] = {}
-        # A sharded model's full state is on rank 0 only: the other nodes write no file, and
-        # receive rank 0's at restore.
-        if self.local_rank() == 0 and (full is None or self.rank() == 0):
+        if self.local_rank() == 0:
             replicated: dict[str, Any] = {"step": self.step, "world": self.world(), "rngs": rngs}
             for name, obj in objects.items():
-                if full is not None and name in full:
-                    replicated[name] = full[name]
+                if local is not None and name in local[0]:
+                    replicated[name] = local[0][name]  # a skeleton: the pieces are apart
                 else:
                     replicated[name] = state.detached_copy(obj.state_dict())
-            if full is not None:
-                replicated[sharded.KEY] = sorted(full)
+            if local is not None:
+                replicated[sharded.KEY] = {"names": sorted(local[0]), "world": self.world()}
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
             files["state"] = replicated
-        upload = rngs if self.rank() == 0 and self.service is not None else None
+        if local is not None:
+            files[sharded.shard_name(self.rank(), self.world())] = local[1]
+        upload = self._coordinate(gathered, sync) if local is not None else None
+        if local is None and self.rank() == 0 and self.service is not None:
+            upload = _Upload(["state"], rngs, commit={})  # committed at once, newest wins
         with self._written:
             self.writing.append(self.step)
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
         self.stalls.append(time.perf_counter() - t0)
         if sync:
             self.flush()
+            if local is not None:
+                self._commit_pieces(dist)
+
+    def _upload_report(self, pieces: bool) -> tuple[Any, bool]:
+        """(this rank's last finished upload, whether one is in flight) for `_coordinate`."""
+        if not pieces or self.service is None:
+            return None, False
+        with self._uploads:
+            busy = self._claimed or self._uploading or self._upload_next is not None
+            return self.uploaded, busy
+
+    def _coordinate(self, gathered: list[Any], sync: bool) -> _Upload | None:
+        """Which upload this snapshot starts, the same decision on every rank.
+
+        A sharded checkpoint is on the service once every rank's pieces are: all ranks upload
+        the same steps, one at a time (a step is taken when no rank is still uploading), and
+        rank 0 commits a step when the snapshot after it hears that every rank has uploaded
+        it (what each uploaded travels with the RNG states this gather collects anyway).
+        """
+        if self.service is None or not (sync or not any(g[2] for g in gathered)):
+            return None
+        commit: dict[str, Any] | None = None
+        reports = [g[1] for g in gathered]
+        if self.rank() == 0 and all(r is not None for r in reports):
+            steps = {r[0] for r in reports}
+            if len(steps) == 1 and next(iter(steps)) > self.committed:
+                commit = {
+                    "step": steps.pop(),
+                    "shards": {k: v for r in reports for k, v in r[1].items()},
+                }
+        with self._uploads:
+            self._claimed = True
+        names = [sharded.shard_name(self.rank(), self.world())]
+        if self.rank() == 0:
+            return _Upload(["state", *names], [g[0] for g in gathered], commit=None, later=commit)
+        return _Upload(names, None, commit=None)
+
+    def _commit_pieces(self, dist: Any) -> None:
+        """After a safe point's upload: rank 0 commits it when every rank has uploaded it."""
+        if self.service is None:
+            return
+        reports: list[Any] = [self.uploaded]
+        if dist is not None and dist.get_world_size() > 1:
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, self.uploaded)
+        if self.rank() != 0 or any(r is None or r[0] != self.step for r in reports):
+            return
+        shards = {k: v for r in reports for k, v in r[1].items()}
+        try:
+            self.service.commit(self.step, shards, self.world(), self.generation)
+            self.committed = self.step
+        except Exception as exc:
+            _say(f"checkpoint commit of step {self.step} failed: {exc!r}")
 
     def flush(self) -> None:
         """Wait until every snapshot taken is written, and the newest one uploaded."""
@@ -417,6 +491,8 @@ class Runtime:
                 self._write(*item)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
+                with self._uploads:  # its upload will not come: others may start
+                    self._claimed = False
             finally:
                 with self._written:  # ended, written or not: the gate must not wait forever
                     with contextlib.suppress(ValueError):
@@ -427,10 +503,10 @@ class Runtime:
                 del item
                 self.queue.task_done()
 
-    def _write(self, step: int, files: dict[str, Any], upload: list[Any] | None) -> None:
+    def _write(self, step: int, files: dict[str, Any], upload: _Upload | None) -> None:
         t0 = time.perf_counter()
         folder = local_tier.step_dir(self.root, step)
-        if files:
+        if "state" in files:
             local_tier.mark_round(folder, self.generation)
         for name, obj in files.items():
             local_tier.save(folder / f"{name}.pt", obj)
@@ -440,6 +516,7 @@ class Runtime:
         if upload is not None and self.service is not None:
             with self._uploads:  # replaces a step still waiting: the newest wins
                 self._upload_next = (step, folder, upload)
+                self._claimed = False
                 self._uploads.notify_all()
 
     def _upload_loop(self) -> None:
@@ -448,17 +525,29 @@ class Runtime:
             with self._uploads:
                 self._uploads.wait_for(lambda: self._upload_next is not None)
                 assert self._upload_next is not None
-                step, folder, rngs = self._upload_next
+                step, folder, upload = self._upload_next
                 self._upload_next, self._uploading = None, True
+            done = None
             try:
+                if upload.later is not None:  # a sharded step every rank has uploaded
+                    later = upload.later
+                    self.service.commit(
+                        later["step"], later["shards"], self.world(), self.generation
+                    )
+                    self.committed = later["step"]
                 # The bytes written to the node-local tier: no second serialisation.
-                self.service.upload(step, (folder / "state.pt").read_bytes(), rngs, self.generation)
+                shards = self.service.put(step, folder, upload.names, upload.rngs)
+                if upload.commit is not None:
+                    self.service.commit(step, shards, len(upload.rngs or []), self.generation)
+                done = (step, shards)
             except FileNotFoundError:
                 pass  # pruned: a newer step was written meanwhile, and is offered next
             except Exception as exc:  # a failed upload must not kill training
                 _say(f"checkpoint upload of step {step} failed: {exc!r}")
             finally:
                 with self._uploads:
+                    if done is not None:
+                        self.uploaded = done
                     self._uploading = False
                     self._uploads.notify_all()
 
@@ -466,16 +555,12 @@ class Runtime:
     def _valid(self, step: int) -> dict[str, Any] | None:
         try:
             path = local_tier.step_dir(self.root, step) / "state.pt"
-            return self._unpack(
-                local_tier.load(path, None if self.rank() == 0 else sharded.without_full)
-            )
+            return self._unpack(local_tier.load(path))
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
             _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None
 
     def _unpack(self, replicated: dict[str, Any]) -> dict[str, Any]:
-        if self.rank() != 0:  # full states of sharded objects: rank 0 broadcasts them
-            sharded.without_full(replicated)
         rngs = replicated.pop("rngs", [])
         rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
@@ -487,7 +572,7 @@ class Runtime:
         remote = self._service_step(dist)  # (round, step) of the service's newest
         step, local = self._agree_local(dist, newer_than=remote)
         if remote is not None and step is None:  # nothing local as new as the service's
-            got = self._download()
+            got = self._download(dist)
             if got is None:
                 return
             step = int(got["state"]["step"])
@@ -508,7 +593,8 @@ class Runtime:
         objects = self.objects()
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
         try:
-            loaded = sharded.load(objects, replicated, self.rank())
+            held, holders = got.get("pieces") or ({}, {})
+            loaded = sharded.load(objects, replicated, held, holders, dist)
         finally:
             self.loading = False
         for name, obj in objects.items():
@@ -584,6 +670,12 @@ class Runtime:
                 continue
             if not all(usable):
                 got = self._share(dist, step, usable.index(True), summary, got, generation)
+            assert got is not None
+            if sharded.KEY in got["state"]:
+                pieces = self._local_pieces(dist, step, got["state"][sharded.KEY]["world"])
+                if pieces is None:
+                    continue
+                got["pieces"] = pieces
             return step, got
         if candidates:
             _say("no node-local checkpoint step is usable on any rank")
@@ -623,6 +715,48 @@ class Runtime:
         _say(f"node-local checkpoint of step {step} received from rank {src}")
         return self._unpack(local_tier.loads(data, summary))
 
+    def _local_pieces(
+        self, dist: Any, step: int, old_world: int
+    ) -> tuple[dict[int, Any], dict[int, int]] | None:
+        """The old ranks' piece files of a sharded ``step`` on the nodes: (those this rank
+        reads, the rank that reads each), or None when one is missing or damaged everywhere.
+
+        Each old rank's file is read by one rank whose node has it: by the same rank when it
+        has (a restart at the same size reads nothing from another node), else spread evenly.
+        """
+        folder = local_tier.step_dir(self.root, step)
+        names = {j: sharded.shard_name(j, old_world) for j in range(old_world)}
+        present = {j: local_tier.recorded(folder / f"{n}.pt") for j, n in names.items()}
+        mine = {j: summary for j, summary in present.items() if summary}
+        everyone: list[Any] = [mine]
+        if dist is not None and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        holders: dict[int, int] = {}
+        load = [0] * len(everyone)
+        for j in range(old_world):
+            having = [r for r, held in enumerate(everyone) if j in held]
+            if not having or len({everyone[r][j] for r in having}) > 1:
+                _say(f"node-local pieces of step {step} are incomplete (old rank {j}); not used")
+                return None
+            holder = j if j in having else min(having, key=lambda r: (load[r], r))
+            holders[j] = holder
+            load[holder] += 1
+        held: dict[int, Any] = {}
+        ok = True
+        for j, holder in holders.items():
+            if holder == self.rank():
+                try:
+                    held[j] = local_tier.load(folder / f"{names[j]}.pt")
+                except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
+                    _say(f"node-local pieces of step {step} unusable ({exc})")
+                    ok = False
+        usable = [ok]
+        if dist is not None and dist.get_world_size() > 1:
+            usable = [None] * dist.get_world_size()
+            dist.all_gather_object(usable, ok)
+        return (held, holders) if all(usable) else None
+
     def _service_step(self, dist: Any) -> local_tier.Key | None:
         """(round, step) of the service's newest as rank 0 sees it, the same on every rank."""
         if self.service is None:
@@ -639,13 +773,31 @@ class Runtime:
             remote = box[0]
         return remote
 
-    def _download(self) -> dict[str, Any] | None:
+    def _download(self, dist: Any) -> dict[str, Any] | None:
+        """The newest checkpoint on the service that every rank can read (a collective)."""
         assert self.service is not None
-        got = self.service.download(self.rank())
-        if got is None:
-            return None
-        _step, replicated, rng = got
-        return {"state": replicated, "rng": rng}
+        distributed = dist is not None and dist.get_world_size() > 1
+        steps: list[Any] = [None]
+        if self.rank() == 0:
+            try:
+                steps = [self.service.steps()]
+            except Exception as exc:
+                _say(f"checkpoint service not usable for restore: {exc}")
+        if distributed:
+            dist.broadcast_object_list(steps, src=0)
+        for step in steps[0] or []:
+            got: dict[str, Any] | None = None
+            try:
+                got = self.service.fetch(step, self.rank(), self.world())
+            except Exception as exc:
+                _say(f"checkpoint of step {step} on the service unusable ({exc})")
+            usable = [got is not None]
+            if distributed:
+                usable = [None] * dist.get_world_size()
+                dist.all_gather_object(usable, got is not None)
+            if all(usable):
+                return got
+        return None
 
     # transformers.Trainer (hf.py) ---------------------------------------------------------
     say = staticmethod(_say)
@@ -784,6 +936,7 @@ def activate() -> Runtime | None:
         loops.install_range(main.__dict__, rt.loops)
     if "transformers" in autopatch_parts(dict(os.environ)):
         hf.install(rt)
+    atexit.register(_yield_to_collectives)  # atexit runs the last registered first: after
     atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
     return rt
 
@@ -828,6 +981,22 @@ def _patch_torch(rt: Runtime) -> None:
 
 
 DDP_TEARDOWN_YIELD_S = 0.2
+EXIT_YIELD_S = 0.3
+_GROUPS_USED = False  # a process group existed in this process (destroyed or not)
+
+
+def _yield_to_collectives() -> None:
+    """Let gloo's worker threads let go of finished collectives before the interpreter ends.
+
+    A gloo worker thread drops a finished collective's tensors after the caller has returned
+    from waiting on it, and needs the GIL to do so; if the interpreter is finalizing by then,
+    the thread is ended inside C++ and the process aborts ("terminate called without an
+    active exception", exit -6). Seen at the end of FSDP2 scripts on a loaded machine, plain
+    ones included (about 1 run in 50). Sleeping here, the last thing before finalization,
+    leaves the GIL to those threads.
+    """
+    if _GROUPS_USED or _dist() is not None:
+        time.sleep(EXIT_YIELD_S)
 
 
 def _patch_ddp_teardown() -> None:
@@ -861,6 +1030,8 @@ def _patch_ddp_teardown() -> None:
     original = distributed_c10d.destroy_process_group
 
     def destroy_process_group(group: Any = None) -> None:
+        global _GROUPS_USED
+        _GROUPS_USED = True
         world = distributed_c10d.GroupMember.WORLD
         for ref in models:
             model = ref()

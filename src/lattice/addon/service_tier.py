@@ -1,17 +1,19 @@
 """Service tier: the checkpoint service, for restores where the node-local tier has nothing
 newer (a new node, a lost /dev/shm).
 
-Global rank 0 uploads two shards per checkpoint, ``state`` (the replicated state) and ``rng``
-(every rank's RNG states, gathered at the snapshot), then commits them; a checkpoint is visible
-only after the commit. Everything here runs on the writer thread except `latest`.
+Global rank 0 uploads ``state`` (the replicated state) and ``rng`` (every rank's RNG states,
+gathered at the snapshot); with a sharded model every rank also uploads its pieces
+(``shard-<rank>-of-<world>``). Rank 0 commits once all are there; a checkpoint is visible only
+after the commit. Uploads run on the upload thread; restores on the training thread.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
-from lattice.addon import protocol, state
+from lattice.addon import protocol, sharded, state
 
 
 class ServiceTier:
@@ -33,14 +35,22 @@ class ServiceTier:
         except ImportError:  # lattice.checkpoint not installed: node-local tier only
             return None
 
-    def upload(self, step: int, replicated: bytes, rngs: list[Any], generation: int) -> None:
-        """Upload one checkpoint: ``replicated`` is the state as ``torch.save`` wrote it;
-        ``generation`` the rendezvous round that took it."""
+    def put(
+        self, step: int, folder: Path, names: list[str], rngs: list[Any] | None
+    ) -> dict[str, Any]:
+        """Upload files of a step folder (as ``torch.save`` wrote them) and, from rank 0,
+        every rank's RNG states; their shard infos, for the commit."""
         shards = {
-            "state": self.client.put_shard(step, "state", replicated),
-            "rng": self.client.put_shard(step, "rng", state.dumps({"ranks": rngs})),
+            name: self.client.put_shard(step, name, (folder / f"{name}.pt").read_bytes())
+            for name in names
         }
-        self.client.commit(step, shards, {"world": len(rngs), "round": generation}, keep=self.keep)
+        if rngs is not None:
+            shards["rng"] = self.client.put_shard(step, "rng", state.dumps({"ranks": rngs}))
+        return shards
+
+    def commit(self, step: int, shards: dict[str, Any], world: int, generation: int) -> None:
+        """Make ``step`` visible; ``generation`` is the rendezvous round that took it."""
+        self.client.commit(step, shards, {"world": world, "round": generation}, keep=self.keep)
 
     def latest(self) -> tuple[int, int] | None:
         """(round, step) of the newest good checkpoint (round 0 when it has none)."""
@@ -50,12 +60,31 @@ class ServiceTier:
         generation = manifest.meta.get("round", 0)
         return (generation if isinstance(generation, int) else 0), manifest.step
 
-    def download(self, rank: int) -> tuple[int, dict[str, Any], Any] | None:
-        """(step, replicated state, this rank's RNG or None) of the newest good checkpoint."""
-        got = self.client.read_latest_good(["state", "rng"])
-        if got is None:
-            return None
-        manifest, shards = got
-        rngs = state.loads(shards["rng"])["ranks"]
-        rng = rngs[rank] if rank < len(rngs) else None
-        return manifest.step, state.loads(shards["state"]), rng
+    def steps(self) -> list[int]:
+        """Committed steps, newest first."""
+        return [manifest.step for manifest in self.client.list()]
+
+    def fetch(self, step: int, rank: int, world: int) -> dict[str, Any]:
+        """Checkpoint ``step``: its replicated state, this rank's RNG, and the pieces of the
+        old ranks this rank holds for a sharded model (old rank ``j`` is held by ``j % world``).
+
+        Raises when anything is missing or fails its checksum (the caller takes the previous
+        step).
+        """
+        from lattice.checkpoint.errors import CorruptCheckpoint
+
+        manifest = next((m for m in self.client.list() if m.step == step), None)
+        if manifest is None:
+            raise CorruptCheckpoint(f"checkpoint of step {step} is gone from the service")
+        old = sorted(p for p in map(sharded.parse_shard_name, manifest.shards) if p is not None)
+        held = {
+            j: state.loads(self.client.get_shard(step, sharded.shard_name(j, total)))
+            for j, total in old
+            if j % world == rank
+        }
+        rngs = state.loads(self.client.get_shard(step, "rng"))["ranks"]
+        return {
+            "state": state.loads(self.client.get_shard(step, "state")),
+            "rng": rngs[rank] if rank < len(rngs) else None,
+            "pieces": (held, {j: j % world for j, _total in old}),
+        }

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -126,3 +127,21 @@ def params(path: Path) -> dict[str, torch.Tensor]:
 
 def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assemble(replicated: dict[str, Any], pieces: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The full parameters of a sharded checkpoint's ``model.0``: the skeleton in its
+    replicated state places every old rank's pieces."""
+    from lattice.addon import sharded
+
+    whole = {}
+    for name, slot in replicated["model.0"].items():
+        tensor = torch.empty(slot["shape"])
+        for mine in pieces:
+            piece = mine["model.0"][slot[sharded.PIECE]]
+            where = tuple(
+                slice(o, o + n) for o, n in zip(piece["offset"], piece["local"].shape, strict=True)
+            )
+            tensor[where] = piece["local"]
+        whole[name] = tensor
+    return whole

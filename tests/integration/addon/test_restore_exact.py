@@ -26,12 +26,21 @@ CASES = [
 ]
 
 
+# torch's own teardown race (gloo drops a finished collective while the interpreter finalizes)
+# aborts about 1 plain FSDP2 run in 50 after its work is done; the addon sleeps it away at exit
+# (runtime._yield_to_collectives), a plain run has no such help.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def baseline(launcher: Launcher, script: str, world: int) -> Path:
+    """The uninterrupted run, without Lattice: its final parameters."""
     out = launcher.tmp / "baseline.pt"
     run = launcher.start(
         script, world, lattice=False, ZOO_OUT=str(out), ZOO_LOG=str(launcher.tmp / "base")
     )
-    assert run.wait() == [0] * world, run.output()
+    codes = run.wait()
+    torn = all(code in (0, -6) for code in codes) and TEARDOWN_ABORT in run.output()
+    assert codes == [0] * world or (torn and out.exists()), run.output()
     return out
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from lattice.addon import sharded
 from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
-from .harness import Launcher, bitwise_equal, id_lines, params, poll
+from .harness import Launcher, assemble, bitwise_equal, id_lines, params, poll
 
 SAMPLES = 72  # batch 6: every prefix consumed at world 2 or 3 leaves a remainder that splits evenly
 ENV = {"ZOO_SAMPLES": str(SAMPLES), "ZOO_BATCH": "6", "ZOO_STEP_SLEEP": "0.15"}
@@ -56,22 +58,36 @@ def test_resize_two_three_two_consumes_every_sample_once(launcher: Launcher) -> 
     assert re.search(r"restored step \d+", third.output())
 
 
+def whole_model(folders: list[Path]) -> dict[str, torch.Tensor]:
+    """The full parameters of a sharded checkpoint: node ``i``'s folder has rank ``i``'s pieces,
+    and the first one the skeleton that places them."""
+
+    def load(path: Path) -> Any:
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+    pieces = [load(f / f"shard-{r}-of-{len(folders)}.pt") for r, f in enumerate(folders)]
+    return assemble(load(folders[0] / "state.pt"), pieces)
+
+
 def test_fsdp_state_is_resharded_when_the_world_grows(launcher: Launcher) -> None:
-    """fully_shard over 2 nodes, a safe point mid-epoch, then 3 nodes: the full state taken on
-    rank 0 is sharded again for 3 ranks (the new nodes receive rank 0's file), the restored
-    parameters are bitwise the checkpoint's, and every sample is consumed once per epoch."""
+    """fully_shard over 2 nodes, a safe point mid-epoch, then 3 nodes: each rank saved only
+    its own pieces, they are cut again for 3 ranks (the new node has no file and receives the
+    rows it needs), the restored parameters are bitwise the checkpoint's, and every sample is
+    consumed once per epoch."""
     out = launcher.tmp / "final.pt"
     launcher.start("train_fsdp.py", 2, nodes=2, ZOO_OUT=str(out), **ENV)
     step = safepoint(launcher, 2, after=8)  # mid-epoch 1 (6 batches per epoch at world 2)
-    saved = torch.load(
-        step_dir(launcher.local_dir(0), step) / "state.pt", weights_only=True, map_location="cpu"
-    )["model.0"]
-    assert not step_dir(launcher.local_dir(1), step).exists()  # the full state is on rank 0
+    folders = [step_dir(launcher.local_dir(node), step) for node in range(2)]
+    assert not (folders[0] / "shard-1-of-2.pt").exists()  # a rank's pieces are on its node
+    skeleton = torch.load(folders[0] / "state.pt", weights_only=True)["model.0"]
+    assert all(sharded.PIECE in slot for slot in skeleton.values())  # no tensor of the model
+    saved = whole_model(folders)
     # The script's loop ends before the checkpoint's epoch: it saves what was restored.
     peek = launcher.start("train_fsdp.py", 3, nodes=3, ZOO_OUT=str(out), ZOO_EPOCHS="1", **ENV)
     assert peek.wait() == [0, 0, 0], peek.output()
     assert f"restored step {step}" in peek.output()
     assert f"node-local checkpoint of step {step} received from rank 0" in peek.output()
+    assert not (step_dir(launcher.local_dir(2), step) / "shard-1-of-2.pt").exists()
     assert bitwise_equal(saved, params(out))
     out.unlink()
     rest = launcher.start("train_fsdp.py", 3, nodes=3, ZOO_OUT=str(out), **ENV)

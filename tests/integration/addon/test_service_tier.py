@@ -3,8 +3,11 @@ its peers, else from the service."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 
+from lattice.addon import state
 from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 from lattice.checkpoint.client import CheckpointClient
@@ -12,30 +15,42 @@ from lattice.checkpoint.server import create_app
 from lattice.common.auth import job_token
 from lattice.common.http import BackgroundService
 
-from .harness import Launcher, bitwise_equal, id_lines, params, poll
+from .harness import Launcher, assemble, bitwise_equal, id_lines, params, poll
 from .test_restore_exact import baseline
 
 ADMIN = "admin-secret-for-addon-tests"
 
 
-def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> None:
-    expected = baseline(launcher, "train_epochs.py", 2)
+@contextlib.contextmanager
+def checkpoint_service(launcher: Launcher, every: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """A real checkpoint service on loopback: (endpoint, job token, the workers' env)."""
     svc = BackgroundService(lambda: create_app(ADMIN, str(launcher.tmp / "store"), keep=3))
     svc.start()
     try:
         token = job_token(ADMIN, "zoo")
-        env = {
-            "LATTICE_CHECKPOINT_ENDPOINT": svc.endpoint,
-            "LATTICE_TOKEN": token,
-            "LATTICE_CHECKPOINT_EVERY": "2",
-            "ZOO_OUT": str(launcher.tmp / "resumed.pt"),
-        }
+        yield (
+            svc.endpoint,
+            token,
+            {
+                "LATTICE_CHECKPOINT_ENDPOINT": svc.endpoint,
+                "LATTICE_TOKEN": token,
+                "LATTICE_CHECKPOINT_EVERY": every,
+                "ZOO_OUT": str(launcher.tmp / "resumed.pt"),
+            },
+        )
+    finally:
+        svc.stop()
+
+
+def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> None:
+    expected = baseline(launcher, "train_epochs.py", 2)
+    with checkpoint_service(launcher, "2") as (endpoint, token, env):
         first = launcher.start("train_epochs.py", 2, ZOO_STEP_SLEEP="0.1", **env)
         poll(lambda: len(id_lines(launcher.tmp)) >= 7, "training progress")
         (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
         assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
         (launcher.tmp / "control").unlink()
-        with CheckpointClient(svc.endpoint, "zoo", token) as client:
+        with CheckpointClient(endpoint, "zoo", token) as client:
             latest = client.latest_good()
         assert latest is not None and latest.step == len(id_lines(launcher.tmp))
         assert latest.meta["round"] == launcher.rounds  # the round that took it orders it
@@ -44,8 +59,6 @@ def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> No
         assert second.wait() == [0, 0], second.output()
         assert f"restored step {latest.step} from the checkpoint service" in second.output()
         assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
-    finally:
-        svc.stop()
 
 
 ENV = {"LATTICE_CHECKPOINT_EVERY": "2"}
@@ -93,3 +106,49 @@ def test_every_node_restores_from_its_own_tier(launcher: Launcher) -> None:
     assert "differ between nodes" not in second.output()
     assert "received from" not in second.output()
     assert bitwise_equal(params(expected), params(launcher.tmp / "r.pt"))
+
+
+def test_sharded_model_restores_from_the_service_at_another_size(launcher: Launcher) -> None:
+    """fully_shard on 2 nodes with the service: every rank uploads its own pieces and rank 0
+    commits a step once all are there (periodically, and at a safe point). With every node's
+    tier gone, 3 ranks cut the service's pieces again; then 2 ranks resume and end bitwise
+    equal to an uninterrupted run."""
+    expected = baseline(launcher, "train_fsdp.py", 2)
+    with checkpoint_service(launcher, "1") as (endpoint, token, env):
+        first = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+        client = CheckpointClient(endpoint, "zoo", token)
+        # Past epoch 0 (6 steps per epoch): a one-epoch run then trains nothing (below).
+        poll(lambda: (getattr(client.latest_good(), "step", 0) or 0) >= 6, "periodic commits")
+        first.kill()
+        latest = client.latest_good()
+        assert latest is not None
+        assert {"state", "rng", "shard-0-of-2", "shard-1-of-2"} == set(latest.shards)
+        pieces = [state.loads(client.get_shard(latest.step, f"shard-{r}-of-2")) for r in (0, 1)]
+        saved = assemble(state.loads(client.get_shard(latest.step, "state")), pieces)
+        for node in range(3):
+            shutil.rmtree(launcher.local_dir(node), ignore_errors=True)
+        # The script's one-epoch loop ends before the checkpoint's epoch: it saves what was
+        # restored.
+        peek = launcher.start("train_fsdp.py", 3, nodes=3, ZOO_EPOCHS="1", **env)
+        assert peek.wait() == [0, 0, 0], peek.output()
+        assert f"restored step {latest.step} from the checkpoint service" in peek.output()
+        assert bitwise_equal(saved, params(launcher.tmp / "resumed.pt"))
+        (launcher.tmp / "resumed.pt").unlink()
+        for node in range(3):
+            shutil.rmtree(launcher.local_dir(node), ignore_errors=True)
+        before = len(id_lines(launcher.tmp))
+        second = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+        poll(lambda: len(id_lines(launcher.tmp)) >= before + 3, "training progress")
+        (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+        assert second.wait() == [SAFEPOINT_EXIT] * 2, second.output()
+        (launcher.tmp / "control").unlink()
+        stopped = client.latest_good()
+        assert stopped is not None
+        assert f"safe point at step {stopped.step}:" in second.output()  # committed at once
+        for node in range(2):
+            shutil.rmtree(launcher.local_dir(node), ignore_errors=True)
+        third = launcher.start("train_fsdp.py", 2, nodes=2, **env)
+        assert third.wait() == [0, 0], third.output()
+        assert f"restored step {stopped.step} from the checkpoint service" in third.output()
+        assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
+        client.close()

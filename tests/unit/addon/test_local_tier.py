@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lattice.addon import local_tier, sharded
+from lattice.addon import local_tier
 
 
 def test_roundtrip_and_listing(tmp_path: Path) -> None:
@@ -17,22 +17,6 @@ def test_roundtrip_and_listing(tmp_path: Path) -> None:
     local_tier.prune(tmp_path, keep=2)
     assert local_tier.steps(tmp_path) == [12, 7]
     assert not list(tmp_path.rglob("*.tmp"))
-
-
-def test_a_non_zero_rank_copies_no_full_state_of_a_sharded_model(tmp_path: Path) -> None:
-    """Rank 0 broadcasts the full states at restore: the other ranks drop them unread, and a
-    damaged file is still rejected whole."""
-    path = tmp_path / "state.pt"
-    saved = {"model.0": {"w": torch.ones(64)}, "optimizer.0": {"s": 1}, "sched": {"last": 3}}
-    local_tier.save(path, {**saved, sharded.KEY: ["model.0", "optimizer.0"]})
-    got = local_tier.load(path, sharded.without_full)
-    assert set(got) == {"sched", sharded.KEY} and got["sched"] == {"last": 3}
-    assert torch.equal(local_tier.load(path)["model.0"]["w"], torch.ones(64))  # rank 0's view
-    raw = bytearray(path.read_bytes())
-    raw[-20] ^= 1
-    path.write_bytes(bytes(raw))
-    with pytest.raises(local_tier.CorruptFile):
-        local_tier.load(path, sharded.without_full)
 
 
 def test_two_nodes_files_of_one_state_have_one_checksum(
