@@ -129,3 +129,39 @@ def test_step_count_loop_resumes_exactly(
     assert len(uninterrupted) == steps
     assert resumed == uninterrupted[restored:]
     assert bitwise_equal(params(expected), params(out))
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing"])
+def test_damaged_or_missing_piece_falls_back_to_the_previous_step(
+    launcher: Launcher, damage: str
+) -> None:
+    """FSDP over 2 nodes: node 1's file of its pieces of the newest step has a flipped byte or
+    is gone. That step is not restored (every rank agrees); the previous one is, and the run
+    ends bitwise equal to an uninterrupted one."""
+    expected = baseline(launcher, "train_fsdp.py", 2)
+    out = launcher.tmp / "resumed.pt"
+    env = {"ZOO_OUT": str(out), "LATTICE_CHECKPOINT_EVERY": "1"}
+    first = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+    poll(lambda: len(id_lines(launcher.tmp)) >= 8, "training progress")
+    (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)  # stop with whole checkpoints
+    assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+    (launcher.tmp / "control").unlink()
+    steps = sorted(launcher.local_dir(1).glob("step-*"))
+    newest, previous = int(steps[-1].name[5:]), int(steps[-2].name[5:])
+    victim = steps[-1] / "shard-1-of-2.pt"
+    if damage == "flip":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    else:  # never written (its rank was killed first)
+        victim.unlink()
+        victim.with_name(victim.name + ".sha256").unlink()
+    second = launcher.start("train_fsdp.py", 2, nodes=2, **env)
+    assert second.wait() == [0, 0], second.output()
+    log = second.output()
+    if damage == "flip":
+        assert f"node-local pieces of step {newest} unusable" in log
+    else:
+        assert f"node-local pieces of step {newest} are incomplete (old rank 1)" in log
+    assert f"restored step {previous} " in log
+    assert bitwise_equal(params(expected), params(out))

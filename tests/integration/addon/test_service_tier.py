@@ -152,3 +152,34 @@ def test_sharded_model_restores_from_the_service_at_another_size(launcher: Launc
         assert f"restored step {stopped.step} from the checkpoint service" in third.output()
         assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
         client.close()
+
+
+def test_a_corrupt_piece_on_the_service_falls_back_to_the_previous_commit(
+    launcher: Launcher,
+) -> None:
+    """fully_shard on 2 nodes: a flipped byte in rank 1's pieces of the service's newest
+    checkpoint. With every node's tier gone, no rank restores that step (all agree); the
+    previous commit is restored and the run ends bitwise equal to an uninterrupted one."""
+    expected = baseline(launcher, "train_fsdp.py", 2)
+    with checkpoint_service(launcher, "1") as (endpoint, token, env):
+        first = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **env)
+        poll(lambda: len(id_lines(launcher.tmp)) >= 8, "training progress")
+        (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+        assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+        (launcher.tmp / "control").unlink()
+        with CheckpointClient(endpoint, "zoo", token) as client:
+            newest, previous = (m.step for m in client.list()[:2])
+        (victim,) = (launcher.tmp / "store" / "zoo" / f"{newest:012d}" / "shards").glob(
+            "shard-1-of-2.*"
+        )
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+        for node in range(2):
+            shutil.rmtree(launcher.local_dir(node))
+        second = launcher.start("train_fsdp.py", 2, nodes=2, **env)
+        assert second.wait() == [0, 0], second.output()
+        log = second.output()
+        assert f"checkpoint of step {newest} on the service unusable" in log
+        assert f"restored step {previous} from the checkpoint service" in log
+        assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
