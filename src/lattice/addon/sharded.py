@@ -271,7 +271,8 @@ class _Plan:
         from torch.distributed.tensor import DTensor
 
         mine = self.everyone[self.rank][0][(name, i)]
-        local = torch.empty(mine[1], dtype=like.dtype, device=like.to_local().device)
+        device = like.to_local().device
+        local: torch.Tensor | None = None
         covered = 0
         for old in sorted(self.holders):
             box = self.old.get((name, i, old))
@@ -288,19 +289,28 @@ class _Plan:
             got = self.held[old][name][i]["local"] if self.rank == holder else None
             if needing != [holder]:  # another rank needs it: the holder broadcasts it
                 buffer = (
-                    got.to(self.device).contiguous()
+                    got.to(self.device, like.dtype).contiguous()
                     if got is not None
                     else torch.empty(box[1], dtype=like.dtype, device=self.device)
                 )
                 self.dist.broadcast(buffer, src=holder)
                 got = buffer
-            if self.rank in needing:
-                assert got is not None
-                where = _overlap(mine, box)
-                assert where is not None
-                ours, theirs = where
-                local[tuple(ours)] = got[tuple(theirs)].to(local.device, local.dtype)
-                covered += _size([s.stop - s.start for s in ours])
+            if self.rank not in needing:
+                continue
+            assert got is not None
+            if box == mine:  # the old piece is this rank's whole new one (a same-size restart)
+                local = got.to(device, like.dtype).contiguous()
+                covered += _size(mine[1])
+                continue
+            if local is None:
+                local = torch.empty(mine[1], dtype=like.dtype, device=device)
+            where = _overlap(mine, box)
+            assert where is not None
+            ours, theirs = where
+            local[tuple(ours)] = got[tuple(theirs)].to(device, like.dtype)
+            covered += _size([s.stop - s.start for s in ours])
+        if local is None:  # an empty piece (fewer rows than ranks)
+            local = torch.empty(mine[1], dtype=like.dtype, device=device)
         if covered != _size(mine[1]):
             raise RuntimeError(f"{name}: the old pieces do not cover this rank's piece {i}")
         return DTensor.from_local(

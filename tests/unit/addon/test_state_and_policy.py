@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 import threading
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -74,10 +75,12 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
     assert alive() is None
 
 
-def test_auto_policy_keeps_a_checkpoint_under_3_percent_of_the_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """10 ms steps, a 0.5 s write: a checkpoint every ceil(0.5 / (3 % of 10 ms)) = 1667 steps."""
+def run_auto_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_s: Callable[[int], float], until: int
+) -> tuple[runtime.Runtime, list[int]]:
+    """10 ms steps under the auto policy until it is calibrated and ``until`` snapshots were
+    written; snapshot n's
+    write takes ``write_s(n)`` (a fake clock: nothing else takes time). (runtime, their steps)"""
     clock = [0.0]
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
     rt = runtime.Runtime(tmp_path, None, ("auto", 0.0))
@@ -85,17 +88,40 @@ def test_auto_policy_keeps_a_checkpoint_under_3_percent_of_the_steps(
 
     def write(step: int, files: object, upload: object) -> None:
         writes.append(step)
-        rt.write_s.append(0.5)
+        rt.write_s.append(write_s(len(writes)))
 
     monkeypatch.setattr(rt, "_write", write)
-    for _ in range(runtime.CALIBRATION_STEPS):
+    while len(writes) < until or not rt.calibrated:
         clock[0] += 0.010
         rt.step += 1
         rt.pending = True
         rt.boundary()
+        rt.queue.join()
+    return rt, writes
+
+
+def test_auto_policy_keeps_a_checkpoint_under_3_percent_of_the_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10 ms steps, a 0.5 s write: a checkpoint every ceil(0.5 / (3 % of 10 ms)) = 1667 steps."""
+    rt, writes = run_auto_policy(tmp_path, monkeypatch, lambda n: 0.5, until=2)
+    assert rt.step == runtime.CALIBRATION_STEPS
     assert writes == [1, 2] and rt.calibrated
     assert rt.cost_s == pytest.approx(0.5)  # the snapshots themselves took no time here
     assert rt.interval == 1667
+
+
+def test_auto_policy_follows_writes_that_turn_out_slower(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calibrated on 0.5 s writes (1667 steps of 10 ms), the writes then take 1.5 s: the
+    interval follows the measured costs (mean of the snapshots after the first) and the next
+    checkpoint comes that many steps after the last one, not at a multiple of it."""
+    rt, writes = run_auto_policy(tmp_path, monkeypatch, lambda n: 0.5 if n <= 2 else 1.5, until=4)
+    # 2: calibration; 1669: 1667 after it; at 1669 the costs were still [0.5] → 1667 again;
+    # at 3336 they are [0.5, 1.5] → ceil(1.0 / 0.0003) = 3334.
+    assert writes == [1, 2, 1669, 3336]
+    assert rt.interval == 3334
 
 
 def test_a_node_local_step_serves_whichever_rank_the_node_has_now(
