@@ -85,6 +85,15 @@ def _all_max(dist: Any, value: int) -> int:
     return int(t.item())
 
 
+def _everyone(dist: Any, value: Any) -> list[Any]:
+    """``value`` of every rank, by rank (``all_gather_object``); ``[value]`` alone."""
+    if dist is None or dist.get_world_size() <= 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def autopatch_parts(env: dict[str, str]) -> set[str]:
     """What ``LATTICE_AUTOPATCH`` names (default ``torch,transformers``; ``none`` → nothing)."""
     setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
@@ -120,12 +129,12 @@ def parse_every(raw: str | None) -> tuple[str, float]:
 @dataclass
 class _Upload:
     """What a snapshot's upload sends: files of its step folder, the RNG states (rank 0), and
-    whether to commit right after (``commit`` set) or to commit an earlier step first
+    whether to commit it right after (``commit``) or to commit an earlier step first
     (``later``: a sharded step that every rank has uploaded)."""
 
     names: list[str]
     rngs: list[Any] | None
-    commit: dict[str, Any] | None
+    commit: bool = False
     later: dict[str, Any] | None = None
 
 
@@ -419,11 +428,8 @@ class Runtime:
         # ranks in the next round (a node before it left) still restores from its own tier.
         # With pieces to upload, the ranks' upload reports travel along (see `_coordinate`).
         mine = (state.capture_rng(), *self._upload_report(local is not None), self._proposal())
-        gathered: list[Any] = [mine]
         dist = _dist()
-        if dist is not None and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, mine)
+        gathered = _everyone(dist, mine)
         rngs = [g[0] for g in gathered]
         self.last_snapshot = self.step
         proposed = max(g[3] for g in gathered)  # the same on every rank
@@ -448,7 +454,7 @@ class Runtime:
             files[sharded.shard_name(self.rank(), self.world())] = local[1]
         upload = self._coordinate(gathered, sync) if local is not None else None
         if local is None and self.rank() == 0 and self.service is not None:
-            upload = _Upload(["state"], rngs, commit={})  # committed at once, newest wins
+            upload = _Upload(["state"], rngs, commit=True)  # committed at once, newest wins
         with self._written:
             self.writing.append(self.step)
         self.queue.put((self.step, files, upload))  # blocks while the writer is behind
@@ -489,17 +495,14 @@ class Runtime:
             self._claimed = True
         names = [sharded.shard_name(self.rank(), self.world())]
         if self.rank() == 0:
-            return _Upload(["state", *names], [g[0] for g in gathered], commit=None, later=commit)
-        return _Upload(names, None, commit=None)
+            return _Upload(["state", *names], [g[0] for g in gathered], later=commit)
+        return _Upload(names, None)
 
     def _commit_pieces(self, dist: Any) -> None:
         """After a safe point's upload: rank 0 commits it when every rank has uploaded it."""
         if self.service is None:
             return
-        reports: list[Any] = [self.uploaded]
-        if dist is not None and dist.get_world_size() > 1:
-            reports = [None] * dist.get_world_size()
-            dist.all_gather_object(reports, self.uploaded)
+        reports = _everyone(dist, self.uploaded)
         if self.rank() != 0 or any(r is None or r[0] != self.step for r in reports):
             return
         shards = {k: v for r in reports for k, v in r[1].items()}
@@ -568,7 +571,7 @@ class Runtime:
                     self.committed = later["step"]
                 # The bytes written to the node-local tier: no second serialisation.
                 shards = self.service.put(step, folder, upload.names, upload.rngs)
-                if upload.commit is not None:
+                if upload.commit:
                     self.service.commit(step, shards, len(upload.rngs or []), self.generation)
                 done = (step, shards)
             except FileNotFoundError:
@@ -680,11 +683,7 @@ class Runtime:
             )
             for s in local_tier.steps(self.root)
         }
-        distributed = dist is not None and dist.get_world_size() > 1
-        everyone: list[Any] = [mine]
-        if distributed:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+        everyone = _everyone(dist, mine)
         candidates = local_tier.ranked(everyone, newer_than)
         for step, sums, generation in candidates:
             if len(sums) > 1:
@@ -693,10 +692,7 @@ class Runtime:
                 continue
             summary = next(iter(sums))
             got = self._valid(step) if mine.get(step, (None, 0))[0] == summary else None
-            usable = [got is not None]
-            if distributed:
-                usable = [None] * dist.get_world_size()
-                dist.all_gather_object(usable, got is not None)
+            usable = _everyone(dist, got is not None)
             if not any(usable):
                 continue
             if not all(usable):
@@ -759,10 +755,7 @@ class Runtime:
         names = {j: sharded.shard_name(j, old_world) for j in range(old_world)}
         present = {j: local_tier.recorded(folder / f"{n}.pt") for j, n in names.items()}
         mine = {j: summary for j, summary in present.items() if summary}
-        everyone: list[Any] = [mine]
-        if dist is not None and dist.get_world_size() > 1:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, mine)
+        everyone = _everyone(dist, mine)
         holders: dict[int, int] = {}
         load = [0] * len(everyone)
         for j in range(old_world):
@@ -782,10 +775,7 @@ class Runtime:
                 except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
                     _say(f"node-local pieces of step {step} unusable ({exc})")
                     ok = False
-        usable = [ok]
-        if dist is not None and dist.get_world_size() > 1:
-            usable = [None] * dist.get_world_size()
-            dist.all_gather_object(usable, ok)
+        usable = _everyone(dist, ok)
         return (held, holders) if all(usable) else None
 
     def _service_step(self, dist: Any) -> local_tier.Key | None:
@@ -822,11 +812,7 @@ class Runtime:
                 got = self.service.fetch(step, self.rank(), self.world())
             except Exception as exc:
                 _say(f"checkpoint of step {step} on the service unusable ({exc})")
-            usable = [got is not None]
-            if distributed:
-                usable = [None] * dist.get_world_size()
-                dist.all_gather_object(usable, got is not None)
-            if all(usable):
+            if all(_everyone(dist, got is not None)):
                 return got
         return None
 

@@ -97,15 +97,15 @@ def _walk(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...
         yield path, obj
 
 
-def _rebuild(obj: Any, leaf: Any) -> Any:
-    """``obj`` with every leaf replaced by ``leaf(value)``."""
+def _rebuild(obj: Any, leaf: Any, path: tuple[Any, ...] = ()) -> Any:
+    """``obj`` with every leaf (a placeholder is one) replaced by ``leaf(path, value)``."""
     if isinstance(obj, dict) and PIECE not in obj:
-        return {key: _rebuild(value, leaf) for key, value in obj.items()}
+        return {k: _rebuild(v, leaf, (*path, k)) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_rebuild(value, leaf) for value in obj]
+        return [_rebuild(v, leaf, (*path, i)) for i, v in enumerate(obj)]
     if isinstance(obj, tuple):
-        return tuple(_rebuild(value, leaf) for value in obj)
-    return leaf(obj)
+        return tuple(_rebuild(v, leaf, (*path, i)) for i, v in enumerate(obj))
+    return leaf(path, obj)
 
 
 def _box(tensor: Any) -> Box:
@@ -137,7 +137,7 @@ def local_states(
     for name, sd in _sharded_dicts(objects).items():
         mine: list[dict[str, Any]] = []
 
-        def leaf(value: Any, mine: list[dict[str, Any]] = mine) -> Any:
+        def leaf(_path: Any, value: Any, mine: list[dict[str, Any]] = mine) -> Any:
             if not isinstance(value, DTensor):
                 return detached_copy(value)
             offset, _shape = _box(value)
@@ -212,12 +212,12 @@ def load(
     loaded: set[str] = set()
     for name in names:
 
-        def leaf(value: Any, name: str = name) -> Any:
+        def leaf(path: tuple[Any, ...], value: Any, name: str = name) -> Any:
             if isinstance(value, dict) and PIECE in value:
-                return plan.piece(name, value[PIECE], current[name][value["path"]])
+                return plan.piece(name, value[PIECE], current[name][path])
             return value
 
-        restored = _rebuild_placed(saved[name], leaf)
+        restored = _rebuild(saved[name], leaf)
         obj = objects[name]
         if isinstance(obj, torch.optim.Optimizer):
             owner = _owner(obj, [m for m in objects.values() if is_sharded(m)])
@@ -227,19 +227,6 @@ def load(
             set_model_state_dict(obj, restored)
         loaded.add(name)
     return loaded
-
-
-def _rebuild_placed(obj: Any, leaf: Any, path: tuple[Any, ...] = ()) -> Any:
-    """`_rebuild` that also hands ``leaf`` placeholders (dicts with `PIECE`) whole."""
-    if isinstance(obj, dict) and PIECE not in obj:
-        return {k: _rebuild_placed(v, leaf, (*path, k)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rebuild_placed(v, leaf, (*path, i)) for i, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return tuple(_rebuild_placed(v, leaf, (*path, i)) for i, v in enumerate(obj))
-    if isinstance(obj, dict):
-        return leaf({**obj, "path": path})
-    return leaf(obj)
 
 
 def _size(shape: tuple[int, ...] | list[int]) -> int:
