@@ -5,6 +5,11 @@ invocation without and with the addon, alternating (``--pairs`` addon arms, each
 plain ones; subprocesses; the addon under its default policy), then restores the addon's last
 checkpoint and compares with ``torch.load`` of the same state from a local file.
 
+Arms several minutes apart on a shared machine differ by more than the 3 % budget, so each
+addon arm also measures its checkpoints' cost inside its own run: the steps a snapshot and its
+write touched, against the quiet steps just before them (`accounted`); the same arithmetic on
+the plain arms is the control.
+
     .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
@@ -13,14 +18,17 @@ Prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
@@ -42,26 +50,36 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
     data = TensorDataset(torch.randn(steps * batch, width))
     loader = DataLoader(data, batch_size=batch)
     t_start = 0.0
+    rt = None
+    # Per timed step: when its body began, the snapshots taken so far (a snapshot is taken at
+    # the batch fetch before a body) and whether a write was in flight as it began.
+    began: list[float] = []
+    taken: list[int] = []
+    beside: list[bool] = []
     for i, (x,) in enumerate(loader):
         if i == warmup:
             from lattice.addon import runtime  # imported before the clock starts, in both arms
 
-            before = len(runtime.current().stalls) if runtime.current() else 0
+            rt = runtime.current()
             sync()
             t_start = time.perf_counter()
+        if i >= warmup:
+            began.append(time.perf_counter())
+            taken.append(len(rt.stalls) if rt else 0)
+            beside.append(bool(rt.writing) if rt else False)
         loss = model(x.to(device, non_blocking=True)).square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     sync()
-    elapsed = time.perf_counter() - t_start
+    end = time.perf_counter()
+    elapsed = end - t_start
+    began.append(end)
     out = {
         "params": sum(p.numel() for p in model.parameters()),
         "steps_per_s": (steps - warmup) / elapsed,
+        "step_s": [b - a for a, b in itertools.pairwise(began)],
     }
-    from lattice.addon import runtime
-
-    rt = runtime.current()
     if rt is not None:
         if rt.step_base:
             raise SystemExit(f"the addon arm restored step {rt.step_base}: not a fresh run")
@@ -70,7 +88,10 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
         cost = rt.cost_s or max(rt.stalls) + max(rt.write_s)  # the policy's own estimate
         out.update(
             interval_steps=rt.interval,
-            checkpoints_in_window=len(rt.stalls) - before,
+            checkpoints_in_window=taken[-1] - taken[0],
+            # step d's time holds the stall of a snapshot taken before body d + 1
+            snapshot_after=[d for d in range(len(taken) - 1) if taken[d + 1] > taken[d]],
+            beside_write=beside,
             write_s_mean=sum(rt.write_s) / len(rt.write_s),
             policy_overhead_pct=100 * cost / (rt.interval * step_s),
             stall_s_mean=sum(rt.stalls) / len(rt.stalls),
@@ -81,6 +102,58 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)
+
+
+QUIET_BASE = 30  # quiet steps before a snapshot whose median is its baseline
+AFTER = 2  # steps after the write that are still charged to it (caches refilled)
+
+
+def spans(snapshot_after: list[int], beside: list[bool]) -> list[tuple[int, int]]:
+    """The steps each snapshot in the window is charged for, ``[first, end)``: the step that
+    holds its stall, the steps that began while its write was in flight, and `AFTER` more
+    (never into the next snapshot's steps)."""
+    out = []
+    n = len(beside)
+    for k, first in enumerate(snapshot_after):
+        end = first + 1
+        while end < n and beside[end]:
+            end += 1
+        limit = snapshot_after[k + 1] if k + 1 < len(snapshot_after) else n
+        out.append((first, min(end + AFTER, limit, n)))
+    return out
+
+
+def costs(step_s: list[float], charged: list[tuple[int, int]], quiet: list[bool]) -> list[float]:
+    """Training time each span lost against the median of the `QUIET_BASE` quiet steps just
+    before it: measured inside one run, so the drift between arms (the noise that hides a
+    3 % effect on a shared VM) does not enter. Spans with fewer than 10 quiet steps before
+    them are left out."""
+    out = []
+    for first, end in charged:
+        before = [step_s[j] for j in range(first - 1, -1, -1) if quiet[j]][:QUIET_BASE]
+        if len(before) < 10:
+            continue
+        base = statistics.median(before)
+        out.append(sum(step_s[j] - base for j in range(first, end)))
+    return out
+
+
+def accounted(addon: dict[str, Any], plain: list[dict[str, Any]]) -> dict[str, Any]:
+    """One addon arm's checkpoint costs, measured in its run, as a share of step time at its
+    interval; and the same arithmetic on the plain arms beside it, over the same steps (the
+    control: what the method reads where nothing was written)."""
+    charged = spans(addon["snapshot_after"], addon["beside_write"])
+    taken = set(addon["snapshot_after"])
+    quiet = [not b and d not in taken for d, b in enumerate(addon["beside_write"])]
+    mine = costs(addon["step_s"], charged, quiet)
+    control = [c for p in plain for c in costs(p["step_s"], charged, [True] * len(p["step_s"]))]
+    step = statistics.median(t for t, q in zip(addon["step_s"], quiet, strict=True) if q)
+    per = addon["interval_steps"] * step
+    return {
+        "checkpoint_costs_s": mine,
+        "accounted_pct": round(100 * statistics.mean(mine) / per, 2) if mine else None,
+        "control_pct": round(100 * statistics.mean(control) / per, 2) if control else None,
+    }
 
 
 def restore_times(rt: object, model: object, opt: object) -> dict[str, float]:
@@ -131,51 +204,64 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to train on a GPU")
-    parser.add_argument("--steps", type=int, default=None, help="steps per arm (default 300)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per arm (default 600)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--every", default=None, help="LATTICE_CHECKPOINT_EVERY (default: auto)")
     parser.add_argument(
         "--pairs", type=int, default=3, help="addon arms, each between two plain ones (default 3)"
     )
+    parser.add_argument("--raw", help="write every arm's figures (JSON) to this file")
     parser.add_argument("--arm", nargs=5, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
         train(*args.arm, device=args.device)
         return
     args.width, args.depth = 2048, 12  # 50.3M parameters
-    args.steps, args.warmup = (30, 8) if args.quick else (args.steps or 300, 8)
+    args.steps, args.warmup = (30, 8) if args.quick else (args.steps or 600, 8)
     if args.quick:
         args.pairs = 1
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d:
-        # plain, addon, plain, addon, ..., plain: the machine may be shared, so each addon arm
-        # is compared with the better of the plain arms on either side of it, and the median
-        # of those ratios is the figure (one arm disturbed by other load does not decide it).
+        # plain, addon, plain, addon, ..., plain: each addon arm is compared with the mean of
+        # the plain arms on either side of it (a drift that is linear over the three cancels;
+        # the better of the two would bias the ratio down by the arms' own spread), and the
+        # median of those ratios is the figure.
         plains = [arm(args, addon=False, tmp=Path(d))]
         addons = []
         for _ in range(args.pairs):
             addons.append(arm(args, addon=True, tmp=Path(d)))
             plains.append(arm(args, addon=False, tmp=Path(d)))
-    ratios = [
-        a["steps_per_s"] / max(plains[i]["steps_per_s"], plains[i + 1]["steps_per_s"])
-        for i, a in enumerate(addons)
+    if args.raw:
+        Path(args.raw).write_text(json.dumps({"plains": plains, "addons": addons}))
+    beside = [
+        (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2 for i in range(len(addons))
     ]
+    ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
     middle = sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
     with_addon = addons[middle]
-    plain = max(plains[middle], plains[middle + 1], key=lambda r: r["steps_per_s"])
+    books = [accounted(a, plains[i : i + 2]) for i, a in enumerate(addons)]
     result = {
         "benchmark": "checkpoint_overhead",
         "quick": args.quick,
         "device": args.device,
         "batch": args.batch,
         "every": args.every or "auto",
-        "params": plain["params"],
+        "params": with_addon["params"],
         "steps": args.steps,
         "pairs": args.pairs,
         "throughput_ratios": [round(r, 4) for r in ratios],
-        "steps_per_s_without": round(plain["steps_per_s"], 3),
+        "steps_per_s_without": round(beside[middle], 3),
         "steps_per_s_with_addon": round(with_addon["steps_per_s"], 3),
         "overhead_pct": round(100 * (1 - ratios[middle]), 2),
-        **{k: round(v, 4) for k, v in with_addon.items() if k not in ("params", "steps_per_s")},
+        # Measured inside each addon run (see `accounted`), one figure per arm, and the same
+        # arithmetic on the plain arms (the control, ~0 when the method reads no phantom cost).
+        "checkpoint_costs_s": [round(c, 3) for b in books for c in b["checkpoint_costs_s"]],
+        "accounted_overhead_pcts": [b["accounted_pct"] for b in books],
+        "accounted_control_pcts": [b["control_pct"] for b in books],
+        **{
+            k: round(v, 4)
+            for k, v in with_addon.items()
+            if k not in ("params", "steps_per_s") and not isinstance(v, list)
+        },
     }
     print(json.dumps(result))
 

@@ -47,6 +47,19 @@ class Manifest:
     def size(self) -> int:
         return sum(s.size for s in self.shards.values())
 
+    @property
+    def round(self) -> int:
+        """The rendezvous round that committed it (``meta["round"]``; 0 when it has none)."""
+        value = self.meta.get("round", 0)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Newer sorts higher: a round that restored step R commits R + 1, R + 2, …, so a
+        higher step from an older round is a history that a newer round abandoned (a late
+        commit from a node that was cut off) and must not win over it."""
+        return self.round, self.step
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

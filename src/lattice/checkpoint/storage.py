@@ -108,7 +108,8 @@ class Storage:
 
     # reads -------------------------------------------------------------------------------
     def manifests(self, job: str) -> list[Manifest]:
-        """Committed checkpoints, newest first; invalid manifests are skipped with a log line."""
+        """Committed checkpoints, newest first (`Manifest.order`: round, then step); invalid
+        manifests are skipped with a log line."""
         job_dir = self._job_dir(job)
         try:
             entries = self.fs.ls(job_dir, detail=False)
@@ -132,7 +133,7 @@ class Storage:
                 log.warning("skipping checkpoint %s step %s: manifest names another", job, base)
                 continue
             found.append(manifest)
-        return found
+        return sorted(found, key=lambda m: m.order, reverse=True)
 
     def manifest(self, job: str, step: int) -> Manifest | None:
         return next((m for m in self.manifests(job) if m.step == step), None)
@@ -162,7 +163,8 @@ class Storage:
 
     # housekeeping ------------------------------------------------------------------------
     def apply_retention(self, job: str, keep: int) -> None:
-        """Keep the newest ``keep`` commits; drop torn steps older than the newest commit."""
+        """Keep the newest ``keep`` commits (`Manifest.order`); drop torn steps below the
+        newest commit's (uploads still running are for steps after it)."""
         committed = self.manifests(job)
         for old in committed[max(keep, 1) :]:
             step_dir = self._step_dir(job, old.step)

@@ -91,10 +91,10 @@ def list_command(job: str, endpoint: str, token: str | None, output: str) -> Non
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("STEP", "CREATED", "SIZE", "SHARDS", box=None)
+    table = Table("STEP", "ROUND", "CREATED", "SIZE", "SHARDS", box=None)  # newest first
     for m in manifests:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))
-        table.add_row(str(m.step), created, f"{m.size:,}", str(len(m.shards)))
+        table.add_row(str(m.step), str(m.round), created, f"{m.size:,}", str(len(m.shards)))
     Console().print(table)
 
 
