@@ -581,6 +581,8 @@ class Chaos:
             fault["detail"] = f"{service} service down and up in {time.monotonic() - t0:.2f}s"
         elif kind == "slots":
             self.slots = self.s.slots - 1 if self.slots == self.s.slots else self.s.slots
+            shrink = self.slots < self.s.slots  # growing back always forms a larger group
+            fault["fits"] = shrink and self._group_fits(self.slots)
             fault["t"] = time.time()
             self.up.cli("slots", str(self.slots))
             fault["detail"] = f"slots -> {self.slots}"
@@ -592,6 +594,7 @@ class Chaos:
                 min_size=1,
                 max_size=1,
             )
+            fault["fits"] = self._group_fits(self.slots - 1)
             fault["t"] = time.time()
             self.up.cli("apply", "-f", "-", stdin=doc)
             self.rivals.append(name)
@@ -618,9 +621,23 @@ class Chaos:
             time.sleep(0.002)
         return False
 
+    def _group_fits(self, free: int) -> bool:
+        """Whether the group training now fits in ``free`` slots (then it may simply go on).
+
+        A grow that is still starting when slots shrink, or a rival that takes a free slot,
+        changes nothing for the running group: no new group forms, and none is needed.
+        """
+        self.ledger.poll()
+        latest = self.ledger.latest()
+        return latest is not None and latest.world <= free
+
     def recover(self, fault: dict[str, Any]) -> bool:
-        """Wait until a group formed after the fault trains and the job is Running again."""
-        new_group = fault["kind"] not in SERVICES
+        """Wait until the job trains and is Running again after the fault.
+
+        A fault that ends the group (a kill, a SIGTERM, a shrink) needs a group formed after
+        it; a service restart or a planned change the group fits in needs only a next step.
+        """
+        new_group = fault["kind"] not in SERVICES and not fault.get("fits")
         t = fault["t"]
 
         def ready() -> float | None:
@@ -800,7 +817,10 @@ class Chaos:
             "ledger_anomalies": book["anomalies"],
             "rivals": rival_phases,
             "faults": [
-                {k: f.get(k) for k in ("kind", "detail", "survived", "recovery_s", "steps_lost")}
+                {
+                    k: f.get(k)
+                    for k in ("kind", "detail", "fits", "survived", "recovery_s", "steps_lost")
+                }
                 for f in self.faults
             ],
             "seconds": round(time.monotonic() - self.started, 1),

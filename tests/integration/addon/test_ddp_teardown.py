@@ -37,7 +37,11 @@ def test_destroy_process_group_releases_the_ddp_reducer(launcher: Launcher, addo
     script = launcher.tmp / "teardown.py"
     script.write_text(SCRIPT)
     run = launcher.start(str(script), 2, lattice=addon)
-    assert run.wait() == [0, 0], run.output()
+    codes = run.wait()
     out = run.output()
+    if addon:
+        assert codes == [0, 0], out
+    # Without the addon the kept reducer is torch's bug itself: the process may abort at exit
+    # ("terminate called without an active exception"), so only what it printed is checked.
     assert out.count(f"reducer kept: {not addon}") == 2, out
     assert out.count("inference after destroy: (1, 1)") == 2, out

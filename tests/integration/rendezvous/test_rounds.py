@@ -16,10 +16,12 @@ async def test_round_closes_at_max_without_settle_and_extra_node_stands_by(
 ) -> None:
     svc = service_factory(settle_s=NEVER)
     a, b, c = (clients(svc, f"n{i}") for i in range(3))
-    r1, r2 = await bounded(asyncio.gather(join(a, max_nodes=2), join(b, max_nodes=2)))
+    adm = admin(svc)
+    first = asyncio.ensure_future(join(a, max_nodes=2))
+    await until(lambda: _waiting(adm, 1), "n0 to wait")  # ranks follow arrival: fix it
+    r1, r2 = await bounded(asyncio.gather(first, join(b, max_nodes=2)))
     assert r1 == r2 and [m.node_id for m in r1.members] == ["n0", "n1"]
     standby = asyncio.ensure_future(join(c, max_nodes=2))
-    adm = admin(svc)
 
     async def c_waiting():
         status = await adm.job_status("job")
