@@ -163,9 +163,15 @@ class Storage:
 
     # housekeeping ------------------------------------------------------------------------
     def apply_retention(self, job: str, keep: int) -> None:
-        """Keep the newest ``keep`` commits (`Manifest.order`); drop torn steps below the
-        newest commit's (uploads still running are for steps after it)."""
+        """Keep the newest ``keep`` commits (`Manifest.order`); drop torn steps below every
+        kept one.
+
+        An upload still running is for a step after the one its round restored, which is
+        kept: a late commit of an abandoned round (a higher step, an older round) does not
+        make the new round's first upload look torn unless ``keep`` such commits came first.
+        """
         committed = self.manifests(job)
+        kept = committed[: max(keep, 1)]
         for old in committed[max(keep, 1) :]:
             step_dir = self._step_dir(job, old.step)
             # The manifest first: the checkpoint stops being visible before any shard goes,
@@ -175,14 +181,13 @@ class Storage:
                 self.fs.rm(posixpath.join(step_dir, MANIFEST))
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(step_dir, recursive=True)
-        if not committed:
+        if not kept:
             return
-        newest = committed[0].step
-        committed_steps = {m.step for m in committed}
+        floor = min(m.step for m in kept)
         job_dir = self._job_dir(job)
         for entry in self.fs.ls(job_dir, detail=False):
             base = posixpath.basename(entry.rstrip("/"))
-            if base.isdigit() and int(base) < newest and int(base) not in committed_steps:
+            if base.isdigit() and int(base) < floor:
                 with contextlib.suppress(FileNotFoundError):
                     self.fs.rm(entry, recursive=True)
         self._drop_stale_temps(job)

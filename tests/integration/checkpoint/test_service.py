@@ -109,24 +109,29 @@ def test_retention_keeps_last_k(ckpt_service) -> None:
 
 
 def test_a_newer_round_wins_over_a_higher_step_of_an_older_one(ckpt_service) -> None:
-    """Round 2 restored step 4 and went on (5, 6, and 7 being uploaded); a node of round 1
-    that was cut off commits step 9 late. Its history was abandoned: newest and retention
-    follow the round first, and round 2's upload in flight is not taken for a torn step."""
+    """Round 2 restored step 4 and went on (5 being uploaded); a node of round 1 that was
+    cut off commits step 9 late. Its history was abandoned: newest and retention follow the
+    round first, and round 2's upload in flight is not taken for a torn step, neither before
+    round 2's first commit nor after it."""
     job = ckpt_service.data / "job-a"
     with ckpt_service.client() as c:
         for step in (3, 4):
             _commit(c, step, {"model": b"r1"}, {"round": 1})
-        for step in (5, 6):
-            _commit(c, step, {"model": b"r2"}, {"round": 2})
+        five = c.put_shard(5, "model", b"r2")
+        _commit(c, 9, {"model": b"late"}, {"round": 1})  # before round 2 committed anything
+        c.commit(5, {"model": five}, {"round": 2})
+        _commit(c, 6, {"model": b"r2"}, {"round": 2})
         c.put_shard(7, "model", b"r2")
-        _commit(c, 9, {"model": b"late"}, {"round": 1})
-        assert [(m.round, m.step) for m in c.list()] == [(2, 6), (2, 5), (1, 9)]
+        _commit(c, 10, {"model": b"later"}, {"round": 1})
+        assert [(m.round, m.step) for m in c.list()] == [(2, 6), (2, 5), (1, 10)]
         assert c.latest_good().step == 6 and c.get_shard(6, "model") == b"r2"
         assert (job / f"{7:012d}").is_dir()
-        _commit(c, 8, {"model": b"r3"}, {"round": 3})
-        assert [(m.round, m.step) for m in c.list()] == [(3, 8), (2, 6), (2, 5)]
+        for step in (8, 11, 12):
+            _commit(c, step, {"model": b"r3"}, {"round": 3})
+        assert [(m.round, m.step) for m in c.list()] == [(3, 12), (3, 11), (3, 8)]
+    # Torn step 7 is dropped once every kept commit is above it.
     assert sorted(p.name for p in job.iterdir() if p.name != ".tmp") == [
-        f"{s:012d}" for s in (5, 6, 8)
+        f"{s:012d}" for s in (8, 11, 12)
     ]
 
 
