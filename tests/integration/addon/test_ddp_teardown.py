@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .harness import Launcher
+from .harness import TEARDOWN_ABORT, Launcher
 
 SCRIPT = """
 import torch
@@ -39,9 +39,8 @@ def test_destroy_process_group_releases_the_ddp_reducer(launcher: Launcher, addo
     run = launcher.start(str(script), 2, lattice=addon)
     codes = run.wait()
     out = run.output()
-    if addon:
-        assert codes == [0, 0], out
-    # Without the addon the kept reducer is torch's bug itself: the process may abort at exit
-    # ("terminate called without an active exception"), so only what it printed is checked.
+    # Without the addon the kept reducer is torch's bug itself: the process may abort at exit.
+    torn = not addon and set(codes) <= {0, -6} and TEARDOWN_ABORT in out
+    assert codes == [0, 0] or torn, out
     assert out.count(f"reducer kept: {not addon}") == 2, out
     assert out.count("inference after destroy: (1, 1)") == 2, out

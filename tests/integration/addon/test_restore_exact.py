@@ -9,7 +9,7 @@ import pytest
 
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
-from .harness import Launcher, bitwise_equal, id_lines, params, poll
+from .harness import TEARDOWN_ABORT, Launcher, bitwise_equal, id_lines, params, poll
 
 # script, world size, batches logged (by rank 0) before the kill
 CASES = [
@@ -24,12 +24,6 @@ CASES = [
     ("train_trainer.py", 2, 7),  # … two processes (DDP over gloo), 4 steps per epoch
     ("train_fsdp.py", 2, 9),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
 ]
-
-
-# torch's own teardown race (gloo drops a finished collective while the interpreter finalizes)
-# aborts about 1 plain FSDP2 run in 50 after its work is done; the addon sleeps it away at exit
-# (runtime._yield_to_collectives), a plain run has no such help.
-TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def baseline(launcher: Launcher, script: str, world: int) -> Path:
