@@ -18,6 +18,7 @@ Prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -66,7 +67,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
         if i >= warmup:
             began.append(time.perf_counter())
             taken.append(len(rt.stalls) if rt else 0)
-            beside.append(bool(rt.writing) if rt else False)
+            beside.append(_in_flight(rt))
         loss = model(x.to(device, non_blocking=True)).square().mean()
         opt.zero_grad()
         loss.backward()
@@ -93,6 +94,8 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             snapshot_after=[d for d in range(len(taken) - 1) if taken[d + 1] > taken[d]],
             beside_write=beside,
             write_s_mean=sum(rt.write_s) / len(rt.write_s),
+            uploads=len(rt.upload_s),
+            upload_cpu_s_mean=sum(rt.upload_s) / len(rt.upload_s) if rt.upload_s else 0.0,
             policy_overhead_pct=100 * cost / (rt.interval * step_s),
             stall_s_mean=sum(rt.stalls) / len(rt.stalls),
             stall_s_max=max(rt.stalls),
@@ -102,6 +105,13 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)
+
+
+def _in_flight(rt: Any) -> bool:
+    """Whether a snapshot is being written, or (with a service) uploaded."""
+    if rt is None:
+        return False
+    return bool(rt.writing) or rt._uploading or rt._upload_next is not None
 
 
 QUIET_BASE = 30  # quiet steps before a snapshot whose median is its baseline
@@ -179,7 +189,51 @@ def restore_times(rt: object, model: object, opt: object) -> dict[str, float]:
     return {"restore_s_addon": addon_s, "restore_s_torch_load": plain_s}
 
 
-def arm(args: argparse.Namespace, addon: bool, tmp: Path) -> dict[str, float]:
+class Service:
+    """A checkpoint service (a real ``lattice checkpoint serve``) for the addon arms."""
+
+    def __init__(self, data: Path) -> None:
+        from lattice.agent.ports import free_port
+        from lattice.common.auth import job_token
+
+        self.port = free_port()
+        self.admin = "bench-admin-token"
+        self.token = job_token
+        self.arms = 0
+        cmd = [sys.executable, "-m", "lattice", "checkpoint", "serve"]
+        cmd += ["--port", str(self.port), "--data", str(data), "--token", self.admin]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        import httpx
+
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the checkpoint service did not start")
+            time.sleep(0.1)
+
+    def env(self) -> dict[str, str]:
+        """A job of its own for each arm: an arm restores nothing from an earlier one."""
+        self.arms += 1
+        job = f"bench-{self.arms}"
+        return {
+            "LATTICE_JOB": job,
+            "LATTICE_CHECKPOINT_ENDPOINT": f"127.0.0.1:{self.port}",
+            "LATTICE_TOKEN": self.token(self.admin, job),
+        }
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def arm(
+    args: argparse.Namespace, addon: bool, tmp: Path, service: Service | None = None
+) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
     local = tmp / "local"
@@ -191,6 +245,7 @@ def arm(args: argparse.Namespace, addon: bool, tmp: Path) -> dict[str, float]:
             **({"LATTICE_CHECKPOINT_EVERY": args.every} if args.every else {}),
             PYTHONPATH=os.pathsep.join([str(BOOTSTRAP), str(REPO / "src")]),
         )
+        env.update(service.env() if service else {})
     figures = [args.steps, args.warmup, args.width, args.depth, args.batch]
     cmd = [sys.executable, __file__, "--arm", *map(str, figures), "--device", args.device]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -211,6 +266,12 @@ def main() -> None:
         "--pairs", type=int, default=3, help="addon arms, each between two plain ones (default 3)"
     )
     parser.add_argument("--raw", help="write every arm's figures (JSON) to this file")
+    parser.add_argument(
+        "--service",
+        action="store_true",
+        help="addon arms upload to a checkpoint service on this machine (as `lattice up` and "
+        "the operator give every job); its own CPU is then on the same cores",
+    )
     parser.add_argument("--arm", nargs=5, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.arm:
@@ -220,7 +281,15 @@ def main() -> None:
     args.steps, args.warmup = (30, 8) if args.quick else (args.steps or 600, 8)
     if args.quick:
         args.pairs = 1
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d:
+    service_dir = tempfile.TemporaryDirectory()  # on disk, like a PVC
+    service = Service(Path(service_dir.name)) if args.service else None
+    with (
+        service_dir,
+        tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d,
+        contextlib.ExitStack() as stack,
+    ):
+        if service is not None:
+            stack.callback(service.close)
         # plain, addon, plain, addon, ..., plain: each addon arm is compared with the mean of
         # the plain arms on either side of it (a drift that is linear over the three cancels;
         # the better of the two would bias the ratio down by the arms' own spread), and the
@@ -228,7 +297,7 @@ def main() -> None:
         plains = [arm(args, addon=False, tmp=Path(d))]
         addons = []
         for _ in range(args.pairs):
-            addons.append(arm(args, addon=True, tmp=Path(d)))
+            addons.append(arm(args, addon=True, tmp=Path(d), service=service))
             plains.append(arm(args, addon=False, tmp=Path(d)))
     if args.raw:
         Path(args.raw).write_text(json.dumps({"plains": plains, "addons": addons}))
@@ -245,6 +314,7 @@ def main() -> None:
         "device": args.device,
         "batch": args.batch,
         "every": args.every or "auto",
+        "service": args.service,
         "params": with_addon["params"],
         "steps": args.steps,
         "pairs": args.pairs,

@@ -39,6 +39,10 @@ CALIBRATION_STEPS = 6
 CALIBRATION_SNAPSHOTS = 2
 
 
+def _mean(samples: list[float]) -> float:
+    return sum(samples) / len(samples)
+
+
 def _typical(samples: list[float]) -> float:
     """The cost of a warm snapshot: the latest sample (the first pays one-time costs)."""
     return samples[-1] if samples else 0.0
@@ -192,6 +196,9 @@ class Runtime:
         self.cost_s = 0.0  # what one checkpoint costs, as calibration counts it
         self.stalls: list[float] = []
         self.write_s: list[float] = []
+        # CPU seconds of each upload to the checkpoint service (reading, hashing and sending
+        # the files): work this node does for a checkpoint beside the write (see `_cost`).
+        self.upload_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
         # (back-pressure) instead of the node-local tier lagging further and further.
         self.queue: queue.Queue[tuple[int, dict[str, Any], _Upload | None]] = queue.Queue(1)
@@ -388,7 +395,8 @@ class Runtime:
             return self.interval
         times = sorted(self.step_times)
         step_s = max(times[len(times) // 2] if times else 1.0, 1e-9)
-        cost = sum(stalls) / len(stalls) + sum(writes) / len(writes)
+        uploads = self.upload_s[-RECENT_SNAPSHOTS:]
+        cost = _mean(stalls) + _mean(writes) + (_mean(uploads) if uploads else 0.0)
         return _steps_for(cost, step_s)
 
     def _calibrate(self) -> None:
@@ -397,7 +405,9 @@ class Runtime:
         # The background write counts whole: on a CPU it competes for the cores, on a GPU it
         # holds the GIL for parts of torch.save (measuring the slowdown instead was tried:
         # steps timed beside a write on an H200 looked unslowed, yet that interval cost 54 %).
-        self.cost_s = _typical(self.stalls) + _typical(self.write_s)
+        # An upload counts by its CPU time: waiting on the network or the service costs
+        # training nothing, reading, hashing and sending the bytes compete like the write.
+        self.cost_s = _typical(self.stalls) + _typical(self.write_s) + _typical(self.upload_s)
         if self.mode == "seconds":
             interval = max(1, round(self.every / step_s))
         else:
@@ -409,7 +419,8 @@ class Runtime:
         self.calibrated = True
         _say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
-            f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms)"
+            f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms"
+            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms CPU)" if self.upload_s else ")")
         )
 
     def _safepoint_requested(self) -> bool:
@@ -573,6 +584,7 @@ class Runtime:
                 step, folder, upload = self._upload_next
                 self._upload_next, self._uploading = None, True
             done = None
+            cpu0 = time.thread_time()
             try:
                 if upload.later is not None:  # a sharded step every rank has uploaded
                     later = upload.later
@@ -585,6 +597,7 @@ class Runtime:
                 if upload.commit:
                     self.service.commit(step, shards, len(upload.rngs or []), self.generation)
                 done = (step, shards)
+                self.upload_s.append(time.thread_time() - cpu0)
             except FileNotFoundError:
                 pass  # pruned: a newer step was written meanwhile, and is offered next
             except Exception as exc:  # a failed upload must not kill training

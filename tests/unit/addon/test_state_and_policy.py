@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -76,11 +77,15 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
 
 
 def run_auto_policy(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write_s: Callable[[int], float], until: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    write_s: Callable[[int], float],
+    until: int,
+    upload_s: Callable[[int], float] | None = None,
 ) -> tuple[runtime.Runtime, list[int]]:
     """10 ms steps under the auto policy until it is calibrated and ``until`` snapshots were
-    written; snapshot n's
-    write takes ``write_s(n)`` (a fake clock: nothing else takes time). (runtime, their steps)"""
+    written; snapshot n's write takes ``write_s(n)`` and its upload ``upload_s(n)`` CPU
+    seconds (a fake clock: nothing else takes time). (runtime, their steps)"""
     clock = [0.0]
     monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
     rt = runtime.Runtime(tmp_path, None, ("auto", 0.0))
@@ -89,6 +94,8 @@ def run_auto_policy(
     def write(step: int, files: object, upload: object) -> None:
         writes.append(step)
         rt.write_s.append(write_s(len(writes)))
+        if upload_s is not None:
+            rt.upload_s.append(upload_s(len(writes)))
 
     monkeypatch.setattr(rt, "_write", write)
     while len(writes) < until or not rt.calibrated:
@@ -110,6 +117,21 @@ def test_auto_policy_sizes_the_interval_under_the_3_percent_budget(
     assert writes == [1, 2] and rt.calibrated
     assert rt.cost_s == pytest.approx(0.5)  # the snapshots themselves took no time here
     assert rt.interval == 2000
+
+
+def test_auto_policy_counts_the_upload_cpu_beside_the_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0.3 s write and 0.2 CPU-seconds of upload cost what a 0.5 s write does: 2000 steps,
+    and more once the uploads turn out to take 0.7 s."""
+    rt, writes = run_auto_policy(
+        tmp_path, monkeypatch, lambda n: 0.3, until=4, upload_s=lambda n: 0.2 if n <= 2 else 0.7
+    )
+    assert rt.cost_s == pytest.approx(0.5)
+    # At 2002 the uploads done are [0.2, 0.2] → 2000 again; at 4002 [0.2, 0.2, 0.7]:
+    # 0.3 + 0.3667 → ceil(0.6667 / 0.00025) = 2667.
+    assert writes == [1, 2, 2002, 4002]
+    assert rt.interval == 2667
 
 
 def test_auto_policy_follows_writes_that_turn_out_slower(
@@ -173,3 +195,31 @@ def test_the_next_step_waits_until_a_snapshot_interval_steps_old_is_written(
     release.set()
     fifth.join(30)
     assert not fifth.is_alive() and written == [3] and rt.writing == [] and len(rt.waits) == 1
+
+
+def test_an_upload_records_the_cpu_it_took_on_its_thread(tmp_path: Path) -> None:
+    """The policy counts an upload's CPU time (see `test_auto_policy_counts_the_upload_cpu_…`):
+    the upload thread measures it, waits on the service excluded."""
+    gate = threading.Event()
+
+    class Service:
+        def put(self, step: int, folder: Path, names: list[str], rngs: object) -> dict:
+            end = time.thread_time() + 0.05
+            while time.thread_time() < end:  # reading, hashing, sending: CPU
+                pass
+            gate.wait(0.3)  # the service answering: no CPU here
+            return {"state": step}
+
+        def commit(self, step: int, shards: object, world: int, generation: int) -> None:
+            pass
+
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    rt.service = Service()  # type: ignore[assignment]
+    threading.Thread(target=rt._upload_loop, daemon=True).start()
+    with rt._uploads:
+        rt._upload_next = (3, tmp_path, runtime._Upload(["state"], [], commit=True))
+        rt._uploads.notify_all()
+        assert rt._uploads.wait_for(lambda: rt.uploaded is not None, timeout=30)
+    assert rt.uploaded == (3, {"state": 3})
+    (cpu,) = rt.upload_s
+    assert 0.05 <= cpu < 0.3  # the 0.3 s wait is not counted
