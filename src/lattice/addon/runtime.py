@@ -196,8 +196,9 @@ class Runtime:
         self.cost_s = 0.0  # what one checkpoint costs, as calibration counts it
         self.stalls: list[float] = []
         self.write_s: list[float] = []
-        # CPU seconds of each upload to the checkpoint service (reading, hashing and sending
-        # the files): work this node does for a checkpoint beside the write (see `_cost`).
+        # What each upload to the checkpoint service cost this node beside the write: its CPU
+        # seconds (reading, hashing, sending), or its whole time when the service runs on this
+        # machine and does its own hashing and storing on the same cores.
         self.upload_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
         # (back-pressure) instead of the node-local tier lagging further and further.
@@ -335,10 +336,10 @@ class Runtime:
         made = self.step - self.step_base  # steps made by this process
         if self.mode != "steps" and not self.calibrated:
             if made >= 3 and not self.settled:
-                # Step times for calibration are taken with no write in flight (on CPU the
-                # writer competes for the cores): wait once for the first snapshots' writes.
+                # Step times for calibration are taken with no write or upload in flight (on
+                # CPU they compete for the cores): wait once for the first snapshots'.
                 self.settled = True
-                self.queue.join()
+                self.flush()
                 self.step_times.clear()
             if made >= CALIBRATION_STEPS:
                 self._calibrate()
@@ -405,7 +406,7 @@ class Runtime:
         # The background write counts whole: on a CPU it competes for the cores, on a GPU it
         # holds the GIL for parts of torch.save (measuring the slowdown instead was tried:
         # steps timed beside a write on an H200 looked unslowed, yet that interval cost 54 %).
-        # An upload counts by its CPU time: waiting on the network or the service costs
+        # An upload counts by its CPU time: waiting on the network or a remote service costs
         # training nothing, reading, hashing and sending the bytes compete like the write.
         self.cost_s = _typical(self.stalls) + _typical(self.write_s) + _typical(self.upload_s)
         if self.mode == "seconds":
@@ -584,7 +585,7 @@ class Runtime:
                 step, folder, upload = self._upload_next
                 self._upload_next, self._uploading = None, True
             done = None
-            cpu0 = time.thread_time()
+            cpu0, wall0 = time.thread_time(), time.perf_counter()
             try:
                 if upload.later is not None:  # a sharded step every rank has uploaded
                     later = upload.later
@@ -597,7 +598,10 @@ class Runtime:
                 if upload.commit:
                     self.service.commit(step, shards, len(upload.rngs or []), self.generation)
                 done = (step, shards)
-                self.upload_s.append(time.thread_time() - cpu0)
+                if self.service.colocated:
+                    self.upload_s.append(time.perf_counter() - wall0)
+                else:
+                    self.upload_s.append(time.thread_time() - cpu0)
             except FileNotFoundError:
                 pass  # pruned: a newer step was written meanwhile, and is offered next
             except Exception as exc:  # a failed upload must not kill training

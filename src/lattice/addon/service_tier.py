@@ -21,6 +21,9 @@ class ServiceTier:
         from lattice.checkpoint.client import CheckpointClient
 
         self.client = CheckpointClient(endpoint, job, token)
+        # A service on this machine (`lattice up`) hashes and stores on the cores training
+        # uses: its uploads cost their whole time, not only this process's CPU (see runtime).
+        self.colocated = _is_loopback(endpoint)
         keep = os.environ.get("LATTICE_CHECKPOINT_KEEP")
         self.keep = int(keep) if keep and keep.isdigit() else None
 
@@ -88,3 +91,17 @@ class ServiceTier:
             "rng": rngs[rank] if rank < len(rngs) else None,
             "pieces": (held, {j: j % world for j, _total in old}),
         }
+
+
+def _is_loopback(endpoint: str) -> bool:
+    """Whether ``host:port`` (or a URL) names this machine."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

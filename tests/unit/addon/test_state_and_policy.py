@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lattice.addon import data, protocol, runtime, state
+from lattice.addon import data, protocol, runtime, service_tier, state
 from lattice.common.errors import UserError
 
 
@@ -197,17 +197,21 @@ def test_the_next_step_waits_until_a_snapshot_interval_steps_old_is_written(
     assert not fifth.is_alive() and written == [3] and rt.writing == [] and len(rt.waits) == 1
 
 
-def test_an_upload_records_the_cpu_it_took_on_its_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("colocated", [False, True])
+def test_an_upload_records_the_cpu_it_took_on_its_thread(tmp_path: Path, colocated: bool) -> None:
     """The policy counts an upload's CPU time (see `test_auto_policy_counts_the_upload_cpu_…`):
-    the upload thread measures it, waits on the service excluded."""
-    gate = threading.Event()
+    the upload thread measures it, waits on a remote service excluded; a service on this
+    machine works on the same cores, so there the whole upload counts."""
 
     class Service:
+        def __init__(self) -> None:
+            self.colocated = colocated
+
         def put(self, step: int, folder: Path, names: list[str], rngs: object) -> dict:
             end = time.thread_time() + 0.05
             while time.thread_time() < end:  # reading, hashing, sending: CPU
                 pass
-            gate.wait(0.3)  # the service answering: no CPU here
+            time.sleep(0.3)  # the service answering: no CPU here
             return {"state": step}
 
         def commit(self, step: int, shards: object, world: int, generation: int) -> None:
@@ -221,5 +225,24 @@ def test_an_upload_records_the_cpu_it_took_on_its_thread(tmp_path: Path) -> None
         rt._uploads.notify_all()
         assert rt._uploads.wait_for(lambda: rt.uploaded is not None, timeout=30)
     assert rt.uploaded == (3, {"state": 3})
-    (cpu,) = rt.upload_s
-    assert 0.05 <= cpu < 0.3  # the 0.3 s wait is not counted
+    (cost,) = rt.upload_s
+    if colocated:
+        assert cost >= 0.35
+    else:
+        assert 0.05 <= cost < 0.3  # the 0.3 s wait is not counted
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "colocated"),
+    [
+        ("127.0.0.1:9000", True),
+        ("localhost:9000", True),
+        ("[::1]:9000", True),
+        ("http://127.0.0.2:9000", True),
+        ("lattice-checkpoint.lattice.svc:9000", False),
+        ("10.0.0.7:9000", False),
+        ("https://ckpt.example.com", False),
+    ],
+)
+def test_a_service_on_this_machine_is_told_by_its_endpoint(endpoint: str, colocated: bool) -> None:
+    assert service_tier._is_loopback(endpoint) is colocated
