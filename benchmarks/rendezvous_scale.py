@@ -29,8 +29,7 @@ import threading
 import time
 from typing import Any
 
-import httpx
-
+from _serve import wait_ready
 from lattice.common.auth import new_admin_token
 from lattice.rendezvous.client import RendezvousClient, Round, _round
 
@@ -113,16 +112,7 @@ def bench_lattice(ns: list[int], freeze: bool) -> dict[str, Any]:
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("lattice rendezvous serve did not start")
-            time.sleep(0.05)
+        wait_ready(f"http://127.0.0.1:{port}/readyz", server, "lattice rendezvous serve")
         results = {}
         for n in ns:
             results[str(n)] = asyncio.run(

@@ -421,7 +421,7 @@ class Runtime:
         _say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
             f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms"
-            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms CPU)" if self.upload_s else ")")
+            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms)" if self.upload_s else ")")
         )
 
     def _safepoint_requested(self) -> bool:
