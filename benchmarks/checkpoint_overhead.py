@@ -95,7 +95,8 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             beside_write=beside,
             write_s_mean=sum(rt.write_s) / len(rt.write_s),
             uploads=len(rt.upload_s),
-            upload_cpu_s_mean=sum(rt.upload_s) / len(rt.upload_s) if rt.upload_s else 0.0,
+            # CPU seconds, or whole seconds with the service on this machine (as here)
+            upload_s_mean=sum(rt.upload_s) / len(rt.upload_s) if rt.upload_s else 0.0,
             policy_overhead_pct=100 * cost / (rt.interval * step_s),
             stall_s_mean=sum(rt.stalls) / len(rt.stalls),
             stall_s_max=max(rt.stalls),
@@ -194,11 +195,9 @@ class Service:
 
     def __init__(self, data: Path) -> None:
         from lattice.agent.ports import free_port
-        from lattice.common.auth import job_token
 
         self.port = free_port()
         self.admin = "bench-admin-token"
-        self.token = job_token
         self.arms = 0
         cmd = [sys.executable, "-m", "lattice", "checkpoint", "serve"]
         cmd += ["--port", str(self.port), "--data", str(data), "--token", self.admin]
@@ -209,12 +208,14 @@ class Service:
 
     def env(self) -> dict[str, str]:
         """A job of its own for each arm: an arm restores nothing from an earlier one."""
+        from lattice.common.auth import job_token
+
         self.arms += 1
         job = f"bench-{self.arms}"
         return {
             "LATTICE_JOB": job,
             "LATTICE_CHECKPOINT_ENDPOINT": f"127.0.0.1:{self.port}",
-            "LATTICE_TOKEN": self.token(self.admin, job),
+            "LATTICE_TOKEN": job_token(self.admin, job),
         }
 
     def close(self) -> None:
@@ -272,14 +273,12 @@ def main() -> None:
     args.steps, args.warmup = (30, 8) if args.quick else (args.steps or 600, 8)
     if args.quick:
         args.pairs = 1
-    service_dir = tempfile.TemporaryDirectory()  # on disk, like a PVC
-    service = Service(Path(service_dir.name)) if args.service else None
-    with (
-        service_dir,
-        tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as d,
-        contextlib.ExitStack() as stack,
-    ):
-        if service is not None:
+    with contextlib.ExitStack() as stack:
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        d = stack.enter_context(tempfile.TemporaryDirectory(dir=shm))
+        service = None
+        if args.service:
+            service = Service(Path(stack.enter_context(tempfile.TemporaryDirectory())))  # disk
             stack.callback(service.close)
         # plain, addon, plain, addon, ..., plain: each addon arm is compared with the mean of
         # the plain arms on either side of it (a drift that is linear over the three cancels;
