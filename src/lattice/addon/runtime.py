@@ -807,13 +807,23 @@ class Runtime:
         return (held, holders) if all(usable) else None
 
     def _service_step(self, dist: Any) -> local_tier.Key | None:
-        """(round, step) of the service's newest as rank 0 sees it, the same on every rank."""
+        """(round, step) of the service's newest as rank 0 sees it, the same on every rank.
+
+        Rank 0 first fences the job at this round: what it lists then stays what the ranks
+        fetch (a node of an ended round can no longer commit a step over it).
+        """
         if self.service is None:
             return None
+        from lattice.checkpoint.errors import RoundSuperseded
+
         remote = None
         if self.rank() == 0:
             try:
+                if self.generation:
+                    self.service.fence(self.generation)
                 remote = self.service.latest()
+            except RoundSuperseded as exc:
+                _say(f"this round has ended, a newer one has started: {exc}")
             except Exception as exc:
                 _say(f"checkpoint service not usable for restore: {exc}")
         if dist is not None and dist.get_world_size() > 1:

@@ -55,6 +55,11 @@ class ServiceTier:
         """Make ``step`` visible; ``generation`` is the rendezvous round that took it."""
         self.client.commit(step, shards, {"world": world, "round": generation}, keep=self.keep)
 
+    def fence(self, generation: int) -> None:
+        """Tell the service round ``generation`` has started (before it restores): a node of
+        an ended round can no longer commit and change what this round restores."""
+        self.client.fence(generation)
+
     def latest(self) -> tuple[int, int] | None:
         """(round, step) of the newest good checkpoint (round 0 when it has none)."""
         manifest = self.client.latest_good()

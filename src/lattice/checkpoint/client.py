@@ -21,6 +21,7 @@ from lattice.checkpoint.errors import (
     CheckpointRejected,
     CheckpointUnavailable,
     CorruptCheckpoint,
+    RoundSuperseded,
 )
 from lattice.checkpoint.manifest import Manifest, ShardInfo
 from lattice.checkpoint.names import check_shard, check_step
@@ -79,10 +80,12 @@ class CheckpointClient:
             )
         if response.status_code >= 400:
             try:
-                message = response.json().get("error", response.text)
-            except ValueError:
-                message = response.text
-            raise CheckpointRejected(f"checkpoint service: {message} ({response.status_code})")
+                body = response.json()
+                message, reason = body.get("error", response.text), body.get("reason")
+            except (ValueError, AttributeError):
+                message, reason = response.text, None
+            error = RoundSuperseded if reason == "stale_round" else CheckpointRejected
+            raise error(f"checkpoint service: {message} ({response.status_code})")
         return response
 
     # writes ------------------------------------------------------------------------------
@@ -136,7 +139,20 @@ class CheckpointClient:
         )
         return Manifest.parse(self._check(response).json())
 
+    def fence(self, generation: int) -> int:
+        """Announce that round ``generation`` has started, before restoring: from then on the
+        service refuses commits of older rounds (nodes cut off from a round that ended).
+        Raises RoundSuperseded when a newer round has started."""
+        body = {"round": generation}
+        response = self._call(lambda: self._http.post(f"/v1/jobs/{self.job}/round", json=body))
+        return int(self._check(response).json()["round"])
+
     # reads -------------------------------------------------------------------------------
+    def current_round(self) -> int:
+        """The job's fence: the newest round that announced itself or committed (0: none)."""
+        response = self._call(lambda: self._http.get(f"/v1/jobs/{self.job}/round"))
+        return int(self._check(response).json()["round"])
+
     def list(self) -> list[Manifest]:
         """Committed checkpoints of this job, newest first."""
         response = self._check(self._call(lambda: self._http.get(self._root)))

@@ -19,3 +19,7 @@ class CheckpointAuthError(UserError):
 
 class CheckpointRejected(Exception):
     """The service refused a request (4xx): the message says why."""
+
+
+class RoundSuperseded(CheckpointRejected):
+    """A newer round of the job has started: this round may no longer commit."""

@@ -7,6 +7,10 @@ Routes (all under a job; a job token opens only its own job):
     GET  /v1/jobs/{job}/checkpoints                        committed, newest first
     GET  /v1/jobs/{job}/checkpoints/{step}                 one manifest
     GET  /v1/jobs/{job}/checkpoints/{step}/shards/{name}   raw bytes, streamed, X-Lattice-SHA256
+    POST /v1/jobs/{job}/round                              {"round": N}: round N has started
+    GET  /v1/jobs/{job}/round                              {"round": N}: the newest started
+
+A commit or round older than the job's newest round is refused (409): see `storage`.
 
 The service stores opaque bytes; it never deserialises what it receives beyond JSON bodies.
 """
@@ -23,7 +27,7 @@ from prometheus_client import Counter
 from lattice.checkpoint.errors import CorruptCheckpoint
 from lattice.checkpoint.manifest import MAX_META_BYTES, ShardInfo
 from lattice.checkpoint.names import check_shard, check_step
-from lattice.checkpoint.storage import CHUNK, CommitError, Storage
+from lattice.checkpoint.storage import CHUNK, CommitError, StaleRound, Storage
 from lattice.common.auth import Authenticator
 from lattice.common.http import json_error, make_app, registry_of
 
@@ -35,6 +39,7 @@ METRICS_KEY = web.AppKey("checkpoint_metrics", dict)
 SHA_HEADER = "X-Lattice-SHA256"
 MAX_SHARD_BYTES = 1 << 40
 MAX_KEEP = 1000
+STALE_ROUND = "stale_round"
 
 
 def create_app(
@@ -59,6 +64,11 @@ def create_app(
         "commits": Counter(
             "lattice_checkpoint_commits", "checkpoints committed", registry=registry
         ),
+        "stale": Counter(
+            "lattice_checkpoint_stale_round_refusals",
+            "commits and fences refused because a newer round of the job had started",
+            registry=registry,
+        ),
         "corrupt": Counter(
             "lattice_checkpoint_corrupt_reads",
             "reads that failed their checksum",
@@ -71,6 +81,8 @@ def create_app(
     app.router.add_get(base, list_checkpoints)
     app.router.add_get(base + "/{step}", get_manifest)
     app.router.add_get(base + "/{step}/shards/{name}", get_shard)
+    app.router.add_post("/v1/jobs/{job}/round", post_round)
+    app.router.add_get("/v1/jobs/{job}/round", get_round)
     return app
 
 
@@ -123,11 +135,40 @@ async def commit(request: web.Request) -> web.Response:
         return json_error(400, f"keep must be an integer in 1..{MAX_KEEP}")
     try:
         manifest = await asyncio.to_thread(storage.commit, job, step, shards, meta, keep)
+    except StaleRound as exc:
+        request.app[METRICS_KEY]["stale"].inc()
+        log.warning("refused a commit of %s step %d: %s", job, step, exc)
+        return _stale(exc)
     except CommitError as exc:
         return json_error(409, str(exc))
     request.app[METRICS_KEY]["commits"].inc()
     log.info("committed checkpoint %s step %d (%d shards)", job, step, len(shards))
     return web.json_response(manifest.to_dict(), status=201)
+
+
+def _stale(exc: StaleRound) -> web.Response:
+    """409 with a reason the client tells apart from a commit with a missing shard."""
+    return web.json_response({"error": str(exc), "reason": STALE_ROUND}, status=409)
+
+
+async def post_round(request: web.Request) -> web.Response:
+    """A round announces itself before it restores: from then on, older rounds cannot commit."""
+    storage, job = request.app[STORAGE_KEY], request.match_info["job"]
+    body = await request.json()
+    generation = body.get("round") if isinstance(body, dict) else None
+    if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+        return json_error(400, 'body must be {"round": N} with N a non-negative integer')
+    try:
+        current = await asyncio.to_thread(storage.fence, job, generation)
+    except StaleRound as exc:
+        request.app[METRICS_KEY]["stale"].inc()
+        return _stale(exc)
+    return web.json_response({"round": current})
+
+
+async def get_round(request: web.Request) -> web.Response:
+    storage, job = request.app[STORAGE_KEY], request.match_info["job"]
+    return web.json_response({"round": await asyncio.to_thread(storage.current_round, job)})
 
 
 async def list_checkpoints(request: web.Request) -> web.Response:

@@ -5,20 +5,29 @@ Layout under the root::
     <job>/.tmp/<random>                       uploads in progress
     <job>/<step:012d>/shards/<name>.<sha256>  a complete shard, named by its content hash
     <job>/<step:012d>/MANIFEST.json           written last, atomically: the commit
+    <job>/ROUND.json                          the round fence: the newest round seen
 
 A shard is streamed to a temporary object while it is hashed, then moved into place under a
 name that carries its hash; a commit checks every listed shard is in place with that hash and
 size, then writes the manifest to a temporary name and moves it into place. Only steps with a
 manifest are visible, so a crash at any point leaves earlier commits intact and the torn one
 invisible. Reads re-hash and compare with the manifest.
+
+The fence: a round announces itself (`fence`) before it restores, and every commit names its
+round (``meta.round``); a commit from a round older than the fence is refused. A node cut off
+from a round that has ended can then never commit into the history that replaced it: not a
+step that overwrites one of the new round's manifests, and not a checkpoint that changes what
+the new round's ranks restore while they are fetching it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import posixpath
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -35,11 +44,16 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 MANIFEST = "MANIFEST.json"
+FENCE = "ROUND.json"
 TEMP_TTL_S = 3600.0
 
 
 class CommitError(ValueError):
     """A commit that cannot be accepted (missing or mismatched shard): nothing was written."""
+
+
+class StaleRound(CommitError):
+    """A commit or fence from a round older than one the job has started since."""
 
 
 class Storage:
@@ -49,6 +63,8 @@ class Storage:
         self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.root = root.rstrip("/")
         self.url = url
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
             self.fs.makedirs(self.root, exist_ok=True)
 
@@ -61,6 +77,61 @@ class Storage:
 
     def _shard_path(self, job: str, step: int, name: str, sha: str) -> str:
         return posixpath.join(self._step_dir(job, step), "shards", f"{check_shard(name)}.{sha}")
+
+    def _job_lock(self, job: str) -> threading.Lock:
+        """Fence and commit of one job are serialised (one service owns a storage root)."""
+        with self._locks_guard:
+            return self._locks.setdefault(job, threading.Lock())
+
+    # rounds ------------------------------------------------------------------------------
+    def fence(self, job: str, generation: int) -> int:
+        """Record that round ``generation`` has started; the fence (newest round) after it.
+
+        Raises StaleRound when a newer round has started: the caller's round has ended.
+        """
+        with self._job_lock(job):
+            return self._raise_fence(job, generation)
+
+    def current_round(self, job: str) -> int:
+        """The fence: the newest round that announced itself or committed (0: none)."""
+        stored = self._stored_fence(job)
+        if stored is not None:
+            return stored
+        committed = self.manifests(job)  # no fence file yet, or a damaged one
+        return committed[0].round if committed else 0
+
+    def _stored_fence(self, job: str) -> int | None:
+        try:
+            with self.fs.open(posixpath.join(self._job_dir(job), FENCE), "rb") as f:
+                value = json.loads(f.read()).get("round")
+        except FileNotFoundError:  # none yet (or data of a version without fences)
+            return None
+        except (ValueError, AttributeError) as exc:
+            # A damaged fence must not stop the job: the newest commit's round stands in.
+            log.warning("round fence of job %s unreadable (%s); using its commits", job, exc)
+            return None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        log.warning("round fence of job %s holds %r; using its commits", job, value)
+        return None
+
+    def _raise_fence(self, job: str, generation: int) -> int:
+        stored = self._stored_fence(job)
+        current = self.current_round(job) if stored is None else stored
+        if generation < current:
+            raise StaleRound(
+                f"round {generation} of job {job!r} has ended: round {current} has started "
+                "since, and only it may commit"
+            )
+        if generation > 0 and generation != stored:  # newer, or no (readable) fence yet
+            # Written to the job's temp area and moved into place: never half a fence.
+            tmp_dir = posixpath.join(self._job_dir(job), ".tmp")
+            self.fs.makedirs(tmp_dir, exist_ok=True)
+            tmp = posixpath.join(tmp_dir, uuid.uuid4().hex)
+            with self.fs.open(tmp, "wb") as out:
+                out.write(json.dumps({"round": generation}).encode())
+            self.fs.mv(tmp, posixpath.join(self._job_dir(job), FENCE))
+        return generation
 
     # writes ------------------------------------------------------------------------------
     def begin_shard(self, job: str, step: int, name: str) -> ShardUpload:
@@ -81,9 +152,16 @@ class Storage:
     def commit(
         self, job: str, step: int, shards: dict[str, ShardInfo], meta: dict[str, Any], keep: int
     ) -> Manifest:
-        """Make a checkpoint visible once every listed shard is stored with its hash."""
+        """Make a checkpoint visible once every listed shard is stored with its hash, unless
+        its round (``meta.round``, 0 when absent) is older than the job's fence."""
         if not shards:
             raise CommitError("a checkpoint needs at least one shard")
+        with self._job_lock(job):
+            return self._commit(job, step, shards, meta, keep)
+
+    def _commit(
+        self, job: str, step: int, shards: dict[str, ShardInfo], meta: dict[str, Any], keep: int
+    ) -> Manifest:
         for name, info in shards.items():
             path = self._shard_path(job, step, name, info.sha256)
             try:
@@ -95,6 +173,7 @@ class Storage:
             if size != info.size:
                 raise CommitError(f"shard {name!r} has {size} bytes, the commit says {info.size}")
         manifest = Manifest(job, step, time.time(), dict(shards), meta)
+        self._raise_fence(job, manifest.round)
         fault("commit-before-manifest")
         step_dir = self._step_dir(job, step)
         tmp = posixpath.join(step_dir, f".{MANIFEST}.{uuid.uuid4().hex}")

@@ -7,10 +7,13 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 
+import pytest
+
 from lattice.addon import state
 from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 from lattice.checkpoint.client import CheckpointClient
+from lattice.checkpoint.errors import RoundSuperseded
 from lattice.checkpoint.server import create_app
 from lattice.common.auth import job_token
 from lattice.common.http import BackgroundService
@@ -55,10 +58,19 @@ def test_new_node_restores_from_the_checkpoint_service(launcher: Launcher) -> No
         assert latest is not None and latest.step == len(id_lines(launcher.tmp))
         assert latest.meta["round"] == launcher.rounds  # the round that took it orders it
         shutil.rmtree(launcher.tmp / "local")  # a new node: nothing in its local tier
-        second = launcher.start("train_epochs.py", 2, **env)
+        # The second round commits nothing (its interval is longer than what is left) ...
+        second = launcher.start("train_epochs.py", 2, **{**env, "LATTICE_CHECKPOINT_EVERY": "999"})
         assert second.wait() == [0, 0], second.output()
         assert f"restored step {latest.step} from the checkpoint service" in second.output()
         assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
+        with CheckpointClient(endpoint, "zoo", token) as client:
+            assert client.latest_good() == latest
+            # ... yet it fenced the job before it restored: the first round, were a node of
+            # it still uploading, could no longer commit over what the second restored.
+            assert client.current_round() == launcher.rounds == latest.meta["round"] + 1
+            late = client.put_shard(latest.step + 1, "state", b"late")
+            with pytest.raises(RoundSuperseded):
+                client.commit(latest.step + 1, {"state": late}, {"round": latest.meta["round"]})
 
 
 ENV = {"LATTICE_CHECKPOINT_EVERY": "2"}

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from lattice.checkpoint.errors import CorruptCheckpoint
+from lattice.checkpoint.errors import CorruptCheckpoint, RoundSuperseded
 from lattice.checkpoint.server import create_app
 from lattice.common.auth import job_token
 from lattice.common.http import BackgroundService
@@ -63,5 +63,13 @@ def test_s3_round_trip_commit_and_corruption(s3_endpoint: str, admin_token: str)
                 c.get_shard(3, "model")
             manifest, shards = c.read_latest_good()
             assert manifest.step == 2 and shards["model"] == b"w2" * 500
+            # The round fence is an object beside the steps: refused commits change nothing.
+            assert c.fence(7) == 7 and c.current_round() == 7
+            with pytest.raises(RoundSuperseded):
+                c.commit(4, {"model": c.put_shard(4, "model", b"late")}, {"round": 6})
+            assert [m.step for m in c.list()] == [3, 2]
+            assert "lattice/job-s3/ROUND.json" in [
+                o["Key"] for o in s3.list_objects_v2(Bucket="ckpt")["Contents"]
+            ]
     finally:
         svc.stop()

@@ -10,10 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lattice.checkpoint.client import CheckpointClient
 from lattice.checkpoint.errors import (
     CheckpointAuthError,
     CheckpointRejected,
     CorruptCheckpoint,
+    RoundSuperseded,
 )
 from lattice.checkpoint.manifest import ShardInfo
 from lattice.common.auth import job_token
@@ -110,9 +112,9 @@ def test_retention_keeps_last_k(ckpt_service) -> None:
 
 def test_a_newer_round_wins_over_a_higher_step_of_an_older_one(ckpt_service) -> None:
     """Round 2 restored step 4 and went on (5 being uploaded); a node of round 1 that was
-    cut off commits step 9 late. Its history was abandoned: newest and retention follow the
-    round first, and round 2's upload in flight is not taken for a torn step, neither before
-    round 2's first commit nor after it."""
+    cut off committed step 9 before round 2 announced itself. Its history was abandoned:
+    newest and retention follow the round first, and round 2's upload in flight is not taken
+    for a torn step, neither before round 2's first commit nor after it."""
     job = ckpt_service.data / "job-a"
     with ckpt_service.client() as c:
         for step in (3, 4):
@@ -122,17 +124,93 @@ def test_a_newer_round_wins_over_a_higher_step_of_an_older_one(ckpt_service) -> 
         c.commit(5, {"model": five}, {"round": 2})
         _commit(c, 6, {"model": b"r2"}, {"round": 2})
         c.put_shard(7, "model", b"r2")
-        _commit(c, 10, {"model": b"later"}, {"round": 1})
-        assert [(m.round, m.step) for m in c.list()] == [(2, 6), (2, 5), (1, 10)]
+        assert [(m.round, m.step) for m in c.list()] == [(2, 6), (2, 5), (1, 9)]
         assert c.latest_good().step == 6 and c.get_shard(6, "model") == b"r2"
         assert (job / f"{7:012d}").is_dir()
         for step in (8, 11, 12):
             _commit(c, step, {"model": b"r3"}, {"round": 3})
         assert [(m.round, m.step) for m in c.list()] == [(3, 12), (3, 11), (3, 8)]
     # Torn step 7 is dropped once every kept commit is above it.
-    assert sorted(p.name for p in job.iterdir() if p.name != ".tmp") == [
+    assert sorted(p.name for p in job.iterdir() if p.is_dir() and p.name != ".tmp") == [
         f"{s:012d}" for s in (8, 11, 12)
     ]
+
+
+def test_an_ended_round_cannot_commit_once_a_newer_one_has_fenced_or_committed(
+    ckpt_service,
+) -> None:
+    """A node of round 1 cut off from the job keeps uploading. Once round 2 has announced
+    itself (before it restores) or committed, round 1's commits are refused with a reason of
+    their own, and nothing they would change (the listing, step 6's manifest) changes."""
+    with ckpt_service.client() as c:
+        _commit(c, 4, {"model": b"r1"}, {"round": 1})
+        assert c.fence(2) == 2
+        late = c.put_shard(6, "model", b"late")  # an upload alone is invisible: accepted
+        with pytest.raises(RoundSuperseded, match=r"round 1 .* has ended: round 2"):
+            c.commit(6, {"model": late}, {"round": 1})
+        assert [(m.round, m.step) for m in c.list()] == [(1, 4)]  # what round 2 restores
+        _commit(c, 5, {"model": b"r2"}, {"round": 2})
+        _commit(c, 6, {"model": b"r2-six"}, {"round": 2})
+        with pytest.raises(RoundSuperseded):  # would overwrite round 2's manifest of step 6
+            c.commit(6, {"model": late}, {"round": 1})
+        assert c.get_shard(6, "model") == b"r2-six"
+        with pytest.raises(RoundSuperseded):  # the ended round's own restart is fenced too
+            c.fence(1)
+        assert c.fence(2) == 2  # the same round again: idempotent
+        # A commit from a newer round raises the fence without an announcement.
+        _commit(c, 7, {"model": b"r3"}, {"round": 3})
+        with pytest.raises(RoundSuperseded):
+            c.commit(8, {"model": c.put_shard(8, "model", b"r2")}, {"round": 2})
+        assert [(m.round, m.step) for m in c.list()] == [(3, 7), (2, 6), (2, 5)]
+        with ckpt_service.client("job-b") as other:  # fences are per job
+            _commit(other, 1, {"model": b"b"}, {"round": 1})
+    stale = httpx.get(f"http://{ckpt_service.endpoint}/metrics").text
+    assert "lattice_checkpoint_stale_round_refusals_total 4.0" in stale
+
+
+def test_the_fence_survives_a_service_restart_and_a_damaged_fence_file(
+    tmp_path: Path, admin_token: str
+) -> None:
+    from lattice.checkpoint.server import create_app
+    from lattice.common.http import BackgroundService
+
+    data = tmp_path / "data"
+
+    def client(svc: BackgroundService) -> CheckpointClient:
+        return CheckpointClient(svc.endpoint, "job-a", job_token(admin_token, "job-a"))
+
+    svc = BackgroundService(lambda: create_app(admin_token, str(data)))
+    svc.start()
+    with client(svc) as c:
+        _commit(c, 1, {"model": b"r4"}, {"round": 4})
+        c.fence(5)
+    svc.stop()
+    svc = BackgroundService(lambda: create_app(admin_token, str(data)))
+    svc.start()
+    try:
+        with client(svc) as c:
+            with pytest.raises(RoundSuperseded, match="round 5"):
+                c.commit(2, {"model": c.put_shard(2, "model", b"r4")}, {"round": 4})
+            (data / "job-a" / "ROUND.json").write_bytes(b"{torn")
+            # Unreadable: the newest commit's round (4) stands in; nothing is lost.
+            _commit(c, 2, {"model": b"r4"}, {"round": 4})
+            with pytest.raises(RoundSuperseded, match="round 3"):
+                c.fence(3)
+            assert [m.step for m in c.list()] == [2, 1]
+    finally:
+        svc.stop()
+
+
+@pytest.mark.parametrize("body", [{}, {"round": -1}, {"round": "2"}, {"round": True}, [1]])
+def test_a_malformed_round_is_a_clear_400(ckpt_service, body) -> None:
+    token = job_token(ckpt_service.token, "job-a")
+    response = httpx.post(
+        f"http://{ckpt_service.endpoint}/v1/jobs/job-a/round",
+        json=body,
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 400 and "round" in response.json()["error"]
+    assert not (ckpt_service.data / "job-a" / "ROUND.json").exists()
 
 
 def test_client_disconnect_mid_stream_leaves_nothing(ckpt_service) -> None:
