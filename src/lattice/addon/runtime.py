@@ -30,7 +30,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lattice.addon import data, hf, local_tier, loops, protocol, service_tier, sharded, state
+from lattice.addon import (
+    data,
+    hf,
+    local_tier,
+    loops,
+    protocol,
+    replica,
+    service_tier,
+    sharded,
+    state,
+)
 
 log = logging.getLogger("lattice.addon")
 
@@ -198,7 +208,8 @@ class Runtime:
         self.write_s: list[float] = []
         # What each upload to the checkpoint service cost this node beside the write: its CPU
         # seconds (reading, hashing, sending), or its whole time when the service runs on this
-        # machine and does its own hashing and storing on the same cores.
+        # machine and does its own hashing and storing on the same cores. Without a service,
+        # the CPU seconds of sending pieces to the next node and storing the ones received.
         self.upload_s: list[float] = []
         # One snapshot waits at most: when the writer falls behind, the next snapshot waits
         # (back-pressure) instead of the node-local tier lagging further and further.
@@ -218,6 +229,10 @@ class Runtime:
         self._claimed = False  # a sharded upload decided, its write not yet done
         self.uploaded: tuple[int, dict[str, Any]] | None = None  # step, shards: last upload
         self.committed = -1  # the newest step this process committed
+        # Without a service, a sharded model's pieces also go to the next node (replica.py);
+        # decided at the first sharded snapshot.
+        self.ring: replica.Ring | None = None
+        self._ring_decided = False
         if self.service is not None:
             threading.Thread(target=self._upload_loop, name="lattice-upload", daemon=True).start()
 
@@ -460,6 +475,11 @@ class Runtime:
             if abs(proposed - self.interval) > self.interval // 4:
                 _say(f"checkpoint every {proposed} steps (was {self.interval}: measured costs)")
             self.interval = proposed
+        if local is not None and not self._ring_decided:
+            self._ring_decided = True  # every rank: the first sharded snapshot is collective
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+            if dist is not None and replica.wanted(self.world(), local_world, bool(self.service)):
+                self.ring = replica.Ring(dist, self.rank(), self.world(), local_world)
         files: dict[str, Any] = {}
         if self.local_rank() == 0:
             replicated: dict[str, Any] = {"step": self.step, "world": self.world(), "rngs": rngs}
@@ -544,8 +564,10 @@ class Runtime:
     def _write_loop(self) -> None:
         while True:
             item = self.queue.get()
+            step, piece = item[0], None
+            sharded_step = any(sharded.parse_shard_name(name) for name in item[1])
             try:
-                self._write(*item)
+                piece = self._write(*item)
             except Exception as exc:  # a failed write must not kill training
                 _say(f"checkpoint write failed: {exc!r}")
                 with self._uploads:  # its upload will not come: others may start
@@ -553,14 +575,35 @@ class Runtime:
             finally:
                 with self._written:  # ended, written or not: the gate must not wait forever
                     with contextlib.suppress(ValueError):
-                        self.writing.remove(item[0])
+                        self.writing.remove(step)
                     self._written.notify_all()
                 # Let go of the snapshot before saying it is written: a GPU snapshot's pinned
                 # buffers go back to torch's host cache, and the next snapshot reuses them.
                 del item
+                if sharded_step and self.ring is not None:
+                    self._replicate(step, piece)  # after the gate opened: training goes on
                 self.queue.task_done()
 
-    def _write(self, step: int, files: dict[str, Any], upload: _Upload | None) -> None:
+    def _replicate(self, step: int, piece: Path | None) -> None:
+        """This rank's pieces of ``step`` to the next node, the previous node's here."""
+        assert self.ring is not None
+        cpu0 = time.thread_time()
+        try:
+            got = self.ring.exchange(piece)
+            if got is not None:
+                name = sharded.shard_name(self.ring.source, self.world())
+                folder = local_tier.step_dir(self.root, step)
+                # Not into a step pruned meanwhile (a newer one was written): nothing to keep.
+                with contextlib.suppress(FileNotFoundError):
+                    if folder.is_dir():
+                        local_tier.store(folder / f"{name}.pt", *got)
+            self.upload_s.append(time.thread_time() - cpu0)
+        except Exception as exc:  # the ring is out of step or a peer is gone: stop using it
+            _say(f"replicating the pieces of step {step} to the next node failed: {exc!r}")
+            self.ring = None
+
+    def _write(self, step: int, files: dict[str, Any], upload: _Upload | None) -> Path | None:
+        """Write a snapshot's files to the node-local tier; this rank's piece file, if any."""
         t0 = time.perf_counter()
         folder = local_tier.step_dir(self.root, step)
         if "state" in files:
@@ -575,6 +618,8 @@ class Runtime:
                 self._upload_next = (step, folder, upload)
                 self._claimed = False
                 self._uploads.notify_all()
+        mine = sharded.shard_name(self.rank(), self.world())
+        return folder / f"{mine}.pt" if mine in files else None
 
     def _upload_loop(self) -> None:
         assert self.service is not None
@@ -778,6 +823,8 @@ class Runtime:
 
         Each old rank's file is read by one rank whose node has it: by the same rank when it
         has (a restart at the same size reads nothing from another node), else spread evenly.
+        A file that fails to load is read again from another node that has it (a replica,
+        see replica.py), until none is left.
         """
         folder = local_tier.step_dir(self.root, step)
         names = {j: sharded.shard_name(j, old_world) for j in range(old_world)}
@@ -786,25 +833,31 @@ class Runtime:
         everyone = _everyone(dist, mine)
         holders: dict[int, int] = {}
         load = [0] * len(everyone)
-        for j in range(old_world):
-            having = [r for r, held in enumerate(everyone) if j in held]
-            if not having or len({everyone[r][j] for r in having}) > 1:
-                _say(f"node-local pieces of step {step} are incomplete (old rank {j}); not used")
-                return None
-            holder = j if j in having else min(having, key=lambda r: (load[r], r))
-            holders[j] = holder
-            load[holder] += 1
+        failed: set[tuple[int, int]] = set()  # (rank, old rank) reads that failed
         held: dict[int, Any] = {}
-        ok = True
-        for j, holder in holders.items():
-            if holder == self.rank():
-                try:
-                    held[j] = local_tier.load(folder / f"{names[j]}.pt")
-                except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
-                    _say(f"node-local pieces of step {step} unusable ({exc})")
-                    ok = False
-        usable = _everyone(dist, ok)
-        return (held, holders) if all(usable) else None
+        pending = list(range(old_world))
+        while pending:
+            for j in pending:
+                having = [r for r, got in enumerate(everyone) if j in got and (r, j) not in failed]
+                if not having or len({everyone[r][j] for r in having}) > 1:
+                    lack = f"node-local pieces of step {step} are incomplete (old rank {j})"
+                    _say(f"{lack}; not used")
+                    return None
+                holder = j if j in having else min(having, key=lambda r: (load[r], r))
+                holders[j] = holder
+                load[holder] += 1
+            mine_failed = []
+            for j in pending:
+                if holders[j] == self.rank():
+                    try:
+                        held[j] = local_tier.load(folder / f"{names[j]}.pt")
+                    except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
+                        _say(f"node-local pieces of step {step} unusable ({exc})")
+                        mine_failed.append(j)
+            reports = _everyone(dist, mine_failed)
+            failed |= {(r, j) for r, js in enumerate(reports) for j in js}
+            pending = sorted({j for js in reports for j in js})
+        return held, holders
 
     def _service_step(self, dist: Any) -> local_tier.Key | None:
         """(round, step) of the service's newest as rank 0 sees it, the same on every rank.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
 from .harness import TEARDOWN_ABORT, Launcher, bitwise_equal, id_lines, params, poll
@@ -125,13 +126,27 @@ def test_step_count_loop_resumes_exactly(
     assert bitwise_equal(params(expected), params(out))
 
 
-@pytest.mark.parametrize("damage", ["flip", "missing"])
-def test_damaged_or_missing_piece_falls_back_to_the_previous_step(
-    launcher: Launcher, damage: str
+def _damage(victim: Path, how: str) -> None:
+    if how == "flip":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    else:  # never written (its rank was killed first)
+        victim.unlink()
+        victim.with_name(victim.name + ".sha256").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "replica_too"), [("flip", False), ("flip", True), ("missing", True)]
+)
+def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step(
+    launcher: Launcher, damage: str, replica_too: bool
 ) -> None:
-    """FSDP over 2 nodes: node 1's file of its pieces of the newest step has a flipped byte or
-    is gone. That step is not restored (every rank agrees); the previous one is, and the run
-    ends bitwise equal to an uninterrupted one."""
+    """FSDP over 2 nodes (no service: each rank's pieces are also on the other node): node 1's
+    file of its pieces of the newest step has a flipped byte or is gone. With node 0's replica
+    of it intact, the newest step is restored from the replica; with the replica damaged as
+    well, that step is not restored (every rank agrees) but the previous one is. Either way
+    the run ends bitwise equal to an uninterrupted one."""
     expected = baseline(launcher, "train_fsdp.py", 2)
     out = launcher.tmp / "resumed.pt"
     env = {"ZOO_OUT": str(out), "LATTICE_CHECKPOINT_EVERY": "1"}
@@ -142,14 +157,9 @@ def test_damaged_or_missing_piece_falls_back_to_the_previous_step(
     (launcher.tmp / "control").unlink()
     steps = sorted(launcher.local_dir(1).glob("step-*"))
     newest, previous = int(steps[-1].name[5:]), int(steps[-2].name[5:])
-    victim = steps[-1] / "shard-1-of-2.pt"
-    if damage == "flip":
-        raw = bytearray(victim.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        victim.write_bytes(bytes(raw))
-    else:  # never written (its rank was killed first)
-        victim.unlink()
-        victim.with_name(victim.name + ".sha256").unlink()
+    _damage(steps[-1] / "shard-1-of-2.pt", damage)
+    if replica_too:
+        _damage(step_dir(launcher.local_dir(0), newest) / "shard-1-of-2.pt", damage)
     second = launcher.start("train_fsdp.py", 2, nodes=2, **env)
     assert second.wait() == [0, 0], second.output()
     log = second.output()
@@ -157,5 +167,5 @@ def test_damaged_or_missing_piece_falls_back_to_the_previous_step(
         assert f"node-local pieces of step {newest} unusable" in log
     else:
         assert f"node-local pieces of step {newest} are incomplete (old rank 1)" in log
-    assert f"restored step {previous} " in log
+    assert f"restored step {previous if replica_too else newest} " in log
     assert bitwise_equal(params(expected), params(out))

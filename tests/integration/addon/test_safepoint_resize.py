@@ -78,7 +78,11 @@ def test_fsdp_state_is_resharded_when_the_world_grows(launcher: Launcher) -> Non
     launcher.start("train_fsdp.py", 2, nodes=2, ZOO_OUT=str(out), **ENV)
     step = safepoint(launcher, 2, after=8)  # mid-epoch 1 (6 batches per epoch at world 2)
     folders = [step_dir(launcher.local_dir(node), step) for node in range(2)]
-    assert not (folders[0] / "shard-1-of-2.pt").exists()  # a rank's pieces are on its node
+    # A rank's pieces are on its node, and (no service here) replicated to the next node.
+    for node, other in ((0, 1), (1, 0)):
+        mine, replica = (folders[node] / f"shard-{r}-of-2.pt" for r in (node, other))
+        assert mine.read_bytes() == (folders[other] / mine.name).read_bytes()
+        assert replica.exists()
     skeleton = torch.load(folders[0] / "state.pt", weights_only=True)["model.0"]
     assert all(sharded.PIECE in slot for slot in skeleton.values())  # no tensor of the model
     saved = whole_model(folders)

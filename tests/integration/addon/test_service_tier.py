@@ -1,5 +1,6 @@
 """Restarts over several nodes: each node from its own tier; a node with an empty tier from
-its peers, else from the service."""
+its peers (a sharded model's pieces from their replica on the next node), else from the
+service."""
 
 from __future__ import annotations
 
@@ -99,6 +100,29 @@ def test_new_node_gets_the_newest_step_from_a_peer(launcher: Launcher) -> None:
     assert second.wait() == [0, 0], second.output()
     assert f"node-local checkpoint of step {step} received from rank 0" in second.output()
     assert f"restored step {step} from " in second.output()
+    assert bitwise_equal(params(expected), params(launcher.tmp / "r.pt"))
+
+
+def test_a_lost_node_s_pieces_are_restored_from_their_replica_on_the_next_node(
+    launcher: Launcher,
+) -> None:
+    """fully_shard over 2 nodes without a checkpoint service: node 1 is lost for good (a
+    replacement on a fresh machine, its tier empty). Node 0 holds node 1's pieces too (each
+    rank sent its file to the next node after writing it), so the newest step is restored,
+    not a run from scratch, and the run ends bitwise equal to an uninterrupted one."""
+    expected = baseline(launcher, "train_fsdp.py", 2)
+    first = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_STEP_SLEEP="0.1", **ENV)
+    poll(lambda: len(id_lines(launcher.tmp)) >= 7, "training progress")
+    (launcher.tmp / "control").write_text(CHECKPOINT_AND_EXIT)
+    assert first.wait() == [SAFEPOINT_EXIT] * 2, first.output()
+    (launcher.tmp / "control").unlink()
+    step = len(id_lines(launcher.tmp))
+    assert (step_dir(launcher.local_dir(0), step) / "shard-1-of-2.pt").is_file()
+    shutil.rmtree(launcher.local_dir(1))
+    second = launcher.start("train_fsdp.py", 2, nodes=2, ZOO_OUT=str(launcher.tmp / "r.pt"), **ENV)
+    assert second.wait() == [0, 0], second.output()
+    assert f"restored step {step} from " in second.output()
+    assert "incomplete" not in second.output()
     assert bitwise_equal(params(expected), params(launcher.tmp / "r.pt"))
 
 
