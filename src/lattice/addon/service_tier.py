@@ -21,9 +21,10 @@ class ServiceTier:
         from lattice.checkpoint.client import CheckpointClient
 
         self.client = CheckpointClient(endpoint, job, token)
-        # A service on this machine (`lattice up`) hashes and stores on the cores training
-        # uses: its uploads cost their whole time, not only this process's CPU (see runtime).
-        self.colocated = _is_loopback(endpoint)
+        # A service on this machine (`lattice up`, a pod on this node's host network) hashes
+        # and stores on the cores training uses: its uploads cost their whole time, not only
+        # this process's CPU (see runtime).
+        self.colocated = _on_this_machine(endpoint)
         keep = os.environ.get("LATTICE_CHECKPOINT_KEEP")
         self.keep = int(keep) if keep and keep.isdigit() else None
 
@@ -98,15 +99,28 @@ class ServiceTier:
         }
 
 
-def _is_loopback(endpoint: str) -> bool:
-    """Whether ``host:port`` (or a URL) names this machine."""
+def _on_this_machine(endpoint: str) -> bool:
+    """Whether ``host:port`` (or a URL) names this machine: loopback, this host's name, or an
+    address of one of its interfaces (one it can bind). No name is looked up in DNS (that can
+    block for seconds where there is none); a service reached by another name counts as
+    remote."""
     import ipaddress
+    import socket
     from urllib.parse import urlsplit
 
     host = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}").hostname or ""
-    if host == "localhost":
+    if host == "localhost" or host == socket.gethostname().lower():
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
+        return False
+    if address.is_loopback:
+        return True
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(address), 0))  # only an address of this machine can be bound
+        return True
+    except OSError:
         return False

@@ -240,9 +240,24 @@ def test_an_upload_records_the_cpu_it_took_on_its_thread(tmp_path: Path, colocat
         ("[::1]:9000", True),
         ("http://127.0.0.2:9000", True),
         ("lattice-checkpoint.lattice.svc:9000", False),
-        ("10.0.0.7:9000", False),
+        ("10.255.255.7:9000", False),
         ("https://ckpt.example.com", False),
     ],
 )
 def test_a_service_on_this_machine_is_told_by_its_endpoint(endpoint: str, colocated: bool) -> None:
-    assert service_tier._is_loopback(endpoint) is colocated
+    assert service_tier._on_this_machine(endpoint) is colocated
+
+
+def test_this_machines_own_name_and_interface_address_count_as_this_machine() -> None:
+    import socket
+
+    assert service_tier._on_this_machine(f"{socket.gethostname()}:9000")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        try:
+            udp.connect(("192.0.2.1", 9))  # no packet is sent: it only picks a route
+        except OSError:
+            pytest.skip("no route off loopback: no interface address to try")
+        mine = udp.getsockname()[0]
+    if mine.startswith("127."):
+        pytest.skip("the only route is loopback")
+    assert service_tier._on_this_machine(f"http://{mine}:9000")
