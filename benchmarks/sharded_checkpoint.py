@@ -144,7 +144,7 @@ def rank_main(rank: int, world: int, port: int, args: Any, out: str, phase: str)
             saved = local_tier.load(ours / "state.pt")
             holders = {j: j % world for j in range(old_world)}
             held = {
-                j: local_tier.load(ours / f"{sharded.shard_name(j, old_world)}.pt")
+                j: local_tier.load(ours / f"{sharded.shard_name(j, old_world)}.pt", mapped=True)
                 for j, holder in holders.items()
                 if holder == rank
             }

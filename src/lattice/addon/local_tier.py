@@ -134,20 +134,22 @@ def verify(path: Path) -> None:
     _check(path, _expected(path), checksum(path))
 
 
-def load(path: Path) -> Any:
+def load(path: Path, mapped: bool = False) -> Any:
     """The verified contents of ``path``, loaded with ``weights_only=True`` onto the CPU.
 
     The checksum is computed while the file is read: ``torch.load`` maps the file (its sizes
     cannot make it allocate more than the file holds, even when corrupt) and the tensors are
-    copied out of the mapping, so nothing keeps the file's pages once it is pruned. Nothing
-    loaded is returned unless the checksum matched.
+    copied out of the mapping, so nothing keeps the file's pages once it is pruned; with
+    ``mapped`` they stay in the mapping (for a caller that copies them into place at once and
+    lets go: a second copy of a 300 MB piece file cost 0.29 s). Nothing loaded is returned
+    unless the checksum matched.
     """
     expected = _expected(path)
     with ThreadPoolExecutor(1) as pool:
         summed = pool.submit(checksum, path)
         try:
-            mapped = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-            obj, error = state.detached_copy(mapped), None
+            loaded = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+            obj, error = (loaded if mapped else state.detached_copy(loaded)), None
         except Exception as exc:  # a damaged file; the checksum says which error to report
             obj, error = None, exc
         _check(path, expected, summed.result())

@@ -850,7 +850,8 @@ class Runtime:
             for j in pending:
                 if holders[j] == self.rank():
                     try:
-                        held[j] = local_tier.load(folder / f"{names[j]}.pt")
+                        # Mapped: `sharded.load` copies the rows into place, once.
+                        held[j] = local_tier.load(folder / f"{names[j]}.pt", mapped=True)
                     except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
                         _say(f"node-local pieces of step {step} unusable ({exc})")
                         mine_failed.append(j)

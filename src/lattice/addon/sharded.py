@@ -253,13 +253,14 @@ class _Plan:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
     def piece(self, name: str, i: int, like: Any) -> Any:
-        """This rank's new piece of placeholder ``i``, a DTensor laid out like ``like`` (the
-        model's own at the same place)."""
-        from torch.distributed.tensor import DTensor
+        """``like`` (the model's or optimizer's own DTensor at placeholder ``i``'s place) with
+        its local piece filled from the old pieces that overlap it.
 
+        Filled in place: the ``set_*_state_dict`` after this copies nothing more, and the old
+        pieces (mapped from their files) are only read, never adopted as live tensors.
+        """
         mine = self.everyone[self.rank][0][(name, i)]
-        device = like.to_local().device
-        local: torch.Tensor | None = None
+        target = like.to_local()
         covered = 0
         for old in sorted(self.holders):
             box = self.old.get((name, i, old))
@@ -285,26 +286,12 @@ class _Plan:
             if self.rank not in needing:
                 continue
             assert got is not None
-            if box == mine:  # the old piece is this rank's whole new one (a same-size restart)
-                local = got.to(device, like.dtype).contiguous()
-                covered += _size(mine[1])
-                continue
-            if local is None:
-                local = torch.empty(mine[1], dtype=like.dtype, device=device)
             where = _overlap(mine, box)
             assert where is not None
             ours, theirs = where
-            local[tuple(ours)] = got[tuple(theirs)].to(device, like.dtype)
+            with torch.no_grad():
+                target[tuple(ours)] = got[tuple(theirs)].to(target.device, like.dtype)
             covered += _size([s.stop - s.start for s in ours])
-        if local is None:  # an empty piece (fewer rows than ranks)
-            local = torch.empty(mine[1], dtype=like.dtype, device=device)
         if covered != _size(mine[1]):
             raise RuntimeError(f"{name}: the old pieces do not cover this rank's piece {i}")
-        return DTensor.from_local(
-            local,
-            like.device_mesh,
-            like.placements,
-            run_check=False,
-            shape=like.shape,
-            stride=like.stride(),
-        )
+        return like

@@ -44,11 +44,13 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     "damage", ["flip-first", "flip-last", "truncate", "extend", "no-checksum", "bad-checksum"]
 )
-def test_damaged_file_is_rejected(tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize("mapped", [False, True])
+def test_damaged_file_is_rejected(tmp_path: Path, damage: str, mapped: bool) -> None:
     path = tmp_path / "f.pt"
     local_tier.save(path, {"w": torch.arange(5000, dtype=torch.float32)})
     assert path.stat().st_size > 8 * local_tier.CHUNK
     local_tier.verify(path)  # whole: accepted
+    assert torch.equal(local_tier.load(path, mapped=mapped)["w"], torch.arange(5000.0))
     raw = bytearray(path.read_bytes())
     summed = path.with_name(path.name + local_tier.SUM_SUFFIX)
     if damage == "flip-first":
@@ -66,7 +68,7 @@ def test_damaged_file_is_rejected(tmp_path: Path, damage: str) -> None:
         summed.write_text(text[:-3] + ("0" if text[-3] != "0" else "1") + text[-2:])
     path.write_bytes(bytes(raw))
     with pytest.raises(local_tier.CorruptFile):
-        local_tier.load(path)
+        local_tier.load(path, mapped=mapped)
 
 
 def test_checksum_is_the_same_with_one_thread_or_many(tmp_path: Path, small_chunks: None) -> None:
