@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from lattice.addon import (
     data,
+    failed_step,
     hf,
     local_tier,
     loops,
@@ -53,6 +54,11 @@ def _mean(samples: list[float]) -> float:
     return sum(samples) / len(samples)
 
 
+def _median(samples: collections.abc.Iterable[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
 def _typical(samples: list[float]) -> float:
     """The cost of a warm snapshot: the latest sample (the first pays one-time costs)."""
     return samples[-1] if samples else 0.0
@@ -66,6 +72,7 @@ OVERHEAD_BUDGET = 0.03  # what checkpointing may cost training, as a share of it
 OVERHEAD_AIM = OVERHEAD_BUDGET / 1.2
 RECENT_STEPS = 256  # step times kept for the policy (a median of them)
 RECENT_SNAPSHOTS = 4  # snapshot costs the policy averages once calibrated
+KEEP_SHARE = 0.005  # what keeping each boundary for a failed step may cost (of a step)
 CONTROL_POLL_S = 0.05
 WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
 
@@ -233,6 +240,12 @@ class Runtime:
         # decided at the first sharded snapshot.
         self.ring: replica.Ring | None = None
         self._ring_decided = False
+        # The last step boundary, for saving that step when the next one fails (failed_step.py).
+        self.kept: failed_step.Boundary | None = None
+        self.rng_records: failed_step.RngRecords | None = None
+        self._sharded: tuple[tuple[int, ...], bool] | None = None  # models' ids → any sharded
+        self.keep_s: collections.deque[float] = collections.deque(maxlen=16)
+        self.keep_off = False
         if self.service is not None:
             threading.Thread(target=self._upload_loop, name="lattice-upload", daemon=True).start()
 
@@ -366,6 +379,7 @@ class Runtime:
                 self.queue.join()
             self.snapshot(sync=False)
         self._gate()
+        self._keep_boundary()
         self.last_boundary = time.perf_counter()
 
     def _gate(self) -> None:
@@ -385,6 +399,86 @@ class Runtime:
             t0 = time.perf_counter()
             self._written.wait_for(lambda: not self.writing or self.writing[0] > due)
         self.waits.append(time.perf_counter() - t0)
+
+    def _keep_boundary(self) -> None:
+        """What saving this step needs if the next one fails (failed_step.py): 50-100 µs.
+
+        Not kept where that is more than `KEEP_SHARE` of a step (a toy model's 1 ms steps):
+        such a job checkpoints often anyway.
+        """
+        self.kept = None
+        if self.keep_off or not self.loader_driven or self.trainer is not None or self.registered:
+            return  # the boundary is not a batch fetch, or state the addon cannot vouch for
+        t0 = time.perf_counter()
+        self._keep()
+        self.keep_s.append(time.perf_counter() - t0)
+        full = len(self.keep_s) == self.keep_s.maxlen
+        if full and self.step % 64 == 0 and len(self.step_times) >= CALIBRATION_STEPS:
+            cost, step_s = _median(self.keep_s), _median(self.step_times)
+            if cost > KEEP_SHARE * step_s:
+                self.keep_off, self.kept = True, None
+                _say(
+                    f"not keeping steps for failures: {cost * 1e6:.0f} µs of a "
+                    f"{step_s * 1e3:.1f} ms step; a kill -9 loses up to the checkpoint interval"
+                )
+
+    def _keep(self) -> None:
+        models = self.models()
+        key = tuple(id(m) for m in models)
+        if self._sharded is None or self._sharded[0] != key:
+            self._sharded = (key, any(sharded.is_sharded(m) for m in models))
+        if self._sharded[1]:
+            return  # a rank's pieces die with it: only a checkpoint has them
+        rank, world = self.rank(), self.world()
+        if self.rng_records is None or self.rng_records.rank != rank:
+            self.rng_records = failed_step.RngRecords(self.root, rank)
+        self.rng_records.write(self.generation, self.step, world, failed_step.pack_rng())
+        self.kept = failed_step.Boundary(
+            step=self.step,
+            generation=self.generation,
+            world=world,
+            positions=[tr.position(ld) for ld, tr in self.tracks()],
+            loops=self.loops.capture(sys._getframe()),
+            schedulers=[s.last_epoch for s in self._alive(self.schedulers)],
+            versions=failed_step.versions(models, self._alive(self.averaged)),
+        )
+
+    def save_failed_step(self) -> None:
+        """The step before the one that failed, from this process's live state (failed_step.py).
+
+        Only when nothing changed since its boundary but what the boundary kept: no optimizer
+        step, no scheduler step, no buffer written in place (a BatchNorm forward is).
+        """
+        kept = self.kept
+        if kept is None or self.pending or kept.step != self.step:
+            return
+        if kept.schedulers != [s.last_epoch for s in self._alive(self.schedulers)] or (
+            kept.versions != failed_step.versions(self.models(), self._alive(self.averaged))
+        ):
+            _say(f"step {kept.step} not saved after the failure: state changed since its end")
+            return
+        folder = local_tier.step_dir(self.root, kept.step)
+        with self._written:
+            if kept.step in self.writing or local_tier.recorded(folder / "state.pt"):
+                return  # its checkpoint is written (or being written: the exit flush waits)
+        _hold_sigterm()  # the agent stops the survivors of a failed round: finish this first
+        t0 = time.perf_counter()
+        replicated: dict[str, Any] = {
+            "step": kept.step,
+            "world": kept.world,
+            "rngs": [],
+            failed_step.KEY: True,
+        }
+        for name, obj in self.objects().items():
+            replicated[name] = state.detached_copy(obj.state_dict())
+        replicated["loaders"] = [p.to_state() for p in kept.positions]
+        replicated["loops"] = kept.loops
+        local_tier.mark_round(folder, kept.generation)
+        local_tier.save(folder / "state.pt", replicated)
+        _say(
+            f"the step after {kept.step} failed: saved step {kept.step} "
+            f"({time.perf_counter() - t0:.2f} s); only the step in flight is lost"
+        )
 
     def _due(self) -> bool:
         if self.mode != "steps" and not self.calibrated:
@@ -771,6 +865,12 @@ class Runtime:
             if not all(usable):
                 got = self._share(dist, step, usable.index(True), summary, got, generation)
             assert got is not None
+            if got["state"].get(failed_step.KEY):
+                usable_rngs, got["rng"] = self._failed_step_rng(
+                    dist, step, generation, int(got["state"]["world"])
+                )
+                if not usable_rngs:
+                    continue
             if sharded.KEY in got["state"]:
                 pieces = self._local_pieces(dist, step, got["state"][sharded.KEY]["world"])
                 if pieces is None:
@@ -780,6 +880,36 @@ class Runtime:
         if candidates:
             _say("no node-local checkpoint step is usable on any rank")
         return None, None
+
+    def _failed_step_rng(
+        self, dist: Any, step: int, generation: int, old_world: int
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """(usable, this rank's RNG state) for a step saved after a failure (failed_step.py).
+
+        Each old rank left its state in a record on its node; they are gathered from every node
+        and kept in the step's folder. Without the record of an old rank that a new rank takes
+        over (its node is gone), the step is not used: the run would not be exact.
+        """
+        folder = local_tier.step_dir(self.root, step)
+        mine = failed_step.read_records(self.root, generation, step, old_world)
+        mine.update(failed_step.kept_records(folder))
+        found: dict[int, bytes] = {}
+        for part in _everyone(dist, mine):
+            found.update(part)
+        missing = [r for r in range(min(old_world, self.world())) if r not in found]
+        if missing:
+            _say(
+                f"step {step} was saved after a failure, but the RNG states of old rank(s) "
+                f"{missing} are gone with their node; not used"
+            )
+            return False, None
+        if self.local_rank() == 0:
+            try:
+                failed_step.keep_records(folder, found)
+            except OSError as exc:
+                _say(f"could not keep the RNG states of step {step} with it: {exc}")
+        rank = self.rank()
+        return True, (failed_step.unpack_rng(found[rank]) if rank in found else None)
 
     def _share(
         self,
@@ -1047,7 +1177,22 @@ def activate() -> Runtime | None:
         hf.install(rt)
     atexit.register(_yield_to_collectives)  # atexit runs the last registered first: after
     atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
+    _on_uncaught(rt)
     return rt
+
+
+def _on_uncaught(rt: Runtime) -> None:
+    """An exception ends the script (a peer died inside a collective): save the last step."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        try:
+            rt.save_failed_step()
+        except Exception as err:  # the script's own error is what the log must show
+            _say(f"saving the last finished step after the failure failed: {err!r}")
+        previous(kind, exc, tb)
+
+    sys.excepthook = hook
 
 
 def _track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:

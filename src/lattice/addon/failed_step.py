@@ -1,0 +1,187 @@
+"""Saving the last finished step from a process whose next step failed.
+
+When a rank dies (kill -9, a crash), the others fail inside the step in flight: gloo sees the
+peer's socket close during the gradient all-reduce and raises within milliseconds. Their model
+and optimizer still hold the state of the last finished step, since only ``optimizer.step``
+changes them, so saving that state then makes a kill -9 lose only the step in flight, whatever
+the checkpoint interval (just-in-time checkpointing, Gupta et al., EuroSys '24).
+
+What the failed step did change is taken from a `Boundary` kept at each step boundary: the
+loaders' positions, the script's counters, and versions to prove that nothing else moved
+(BatchNorm running statistics, a scheduler stepped early). Each rank's RNG state also goes to
+a node-local `RngRecords` file at every boundary (a few kilobytes, two alternating slots with a
+CRC): the rank that died left its own there for its restart, on its node.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import random
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lattice.addon import local_tier
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional for training scripts
+    np = None  # type: ignore[assignment]
+
+KEY = "failed_step"  # marks a state file saved this way: its RNG states are in `RNG_FILE`s
+RNG_DIR = "rng"  # under the node-local root: each rank's record of its last boundary
+RNG_FILE = "rngs.pt"  # in a step's folder: every old rank's record, once a restore gathered them
+_MAGIC = b"LRNG"
+_HEAD = struct.Struct("<4sII")  # magic, crc32 of the body, body length
+_META = struct.Struct("<qqii")  # generation, step, rank, world
+
+
+@dataclass
+class Boundary:
+    """What a checkpoint taken at the last step boundary would have held beside the tensors."""
+
+    step: int
+    generation: int
+    world: int
+    positions: list[Any]  # data.Position of each tracked loader
+    loops: list[dict[str, Any]]
+    schedulers: list[int] = field(default_factory=list)  # each scheduler's last_epoch
+    versions: list[int] = field(default_factory=list)  # buffers' and averaged models' versions
+
+
+def versions(modules: list[torch.nn.Module], averaged: list[torch.nn.Module]) -> list[int]:
+    """In-place version counters of what a forward pass may change (a failed step included)."""
+    found = [b._version for m in modules for b in m.buffers()]
+    found += [t._version for m in averaged for t in (*m.parameters(), *m.buffers())]
+    return found
+
+
+# RNG records -----------------------------------------------------------------------------
+def pack_rng() -> bytes:
+    """This process's RNG states (python, numpy, torch, CUDA), in a few microseconds."""
+    version, internal, gauss = random.getstate()
+    parts = [
+        struct.pack("<i?d", version, gauss is not None, gauss or 0.0),
+        array.array("Q", internal).tobytes(),
+        torch.get_rng_state().numpy().tobytes(),
+    ]
+    if np is not None:
+        _kind, keys, pos, has_gauss, cached = np.random.get_state()
+        parts += [struct.pack("<i?i?d", 1, True, pos, bool(has_gauss), cached), keys.tobytes()]
+    else:
+        parts.append(struct.pack("<i?i?d", 0, False, 0, False, 0.0))
+    cuda: list[torch.Tensor] = []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state_all()
+    parts.append(struct.pack("<i", len(cuda)))
+    for t in cuda:
+        raw = t.numpy().tobytes()
+        parts += [struct.pack("<i", len(raw)), raw]
+    return b"".join(parts)
+
+
+def unpack_rng(blob: bytes) -> dict[str, Any]:
+    """`pack_rng`'s bytes as `state.capture_rng`'s dict (what `state.restore_rng` takes)."""
+    view = memoryview(blob)
+    version, has_gauss, gauss = struct.unpack_from("<i?d", view, 0)
+    at = struct.calcsize("<i?d")
+    words = array.array("Q")
+    words.frombytes(view[at : at + 625 * 8])
+    internal = list(words)
+    at += 625 * 8
+    n_torch = torch.get_rng_state().numel()
+    cpu = torch.frombuffer(bytearray(view[at : at + n_torch]), dtype=torch.uint8)
+    at += n_torch
+    rng: dict[str, Any] = {"python": [version, internal, gauss if has_gauss else None]}
+    rng["torch"] = cpu
+    has_np, _, pos, np_gauss, cached = struct.unpack_from("<i?i?d", view, at)
+    at += struct.calcsize("<i?i?d")
+    if has_np:
+        keys = torch.frombuffer(bytearray(view[at : at + 624 * 4]), dtype=torch.int32)
+        keys = keys.to(torch.int64) & 0xFFFFFFFF
+        at += 624 * 4
+        rng["numpy"] = ["MT19937", keys, pos, int(np_gauss), cached]
+    (n_cuda,) = struct.unpack_from("<i", view, at)
+    at += 4
+    if n_cuda:
+        states = []
+        for _ in range(n_cuda):
+            (size,) = struct.unpack_from("<i", view, at)
+            at += 4
+            states.append(torch.frombuffer(bytearray(view[at : at + size]), dtype=torch.uint8))
+            at += size
+        rng["cuda"] = states
+    return rng
+
+
+class RngRecords:
+    """This rank's RNG state at each boundary, in a node-local file that outlives the process.
+
+    Two slots, written in turn with one ``pwrite`` each: a write torn by a kill leaves the other
+    slot whole, and the CRC tells the torn one apart.
+    """
+
+    def __init__(self, root: Path, rank: int) -> None:
+        self.folder = root / RNG_DIR
+        self.rank = rank
+        self.fds: list[int] = []
+
+    def write(self, generation: int, step: int, world: int, rng: bytes) -> None:
+        if not self.fds:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.fds = [
+                os.open(self.folder / f"rank-{self.rank}.{slot}", os.O_RDWR | os.O_CREAT, 0o600)
+                for slot in (0, 1)
+            ]
+        body = _META.pack(generation, step, self.rank, world) + rng
+        os.pwrite(self.fds[step % 2], _HEAD.pack(_MAGIC, zlib.crc32(body), len(body)) + body, 0)
+
+
+def read_records(root: Path, generation: int, step: int, world: int) -> dict[int, bytes]:
+    """The RNG records of ``step`` of round ``generation`` on this node, by rank."""
+    found: dict[int, bytes] = {}
+    folder = root / RNG_DIR
+    if not folder.is_dir():
+        return found
+    for path in folder.iterdir():
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        if len(raw) < _HEAD.size + _META.size:
+            continue
+        magic, crc, length = _HEAD.unpack_from(raw)
+        body = raw[_HEAD.size : _HEAD.size + length]
+        if magic != _MAGIC or len(body) != length or zlib.crc32(body) != crc:
+            continue
+        gen, at, rank, size = _META.unpack_from(body)
+        if (gen, at, size) == (generation, step, world):
+            found[rank] = body[_META.size :]
+    return found
+
+
+def kept_records(folder: Path) -> dict[int, bytes]:
+    """The records a restore of this step gathered and kept in its folder (see `keep_records`)."""
+    path = folder / RNG_FILE
+    if local_tier.recorded(path) is None:
+        return {}
+    try:
+        saved = local_tier.load(path)
+    except (OSError, local_tier.CorruptFile, RuntimeError, EOFError):
+        return {}
+    return {int(rank): bytes(t.numpy().tobytes()) for rank, t in saved.items()}
+
+
+def keep_records(folder: Path, records: dict[int, bytes]) -> None:
+    """Keep the gathered records with the step: the live files move on with the next round."""
+    if local_tier.recorded(folder / RNG_FILE) is None:
+        payload = {
+            str(rank): torch.frombuffer(bytearray(b), dtype=torch.uint8)
+            for rank, b in records.items()
+        }
+        local_tier.save(folder / RNG_FILE, payload)

@@ -1,0 +1,89 @@
+"""A rank killed -9 between checkpoints: the survivors save the last finished step, and the
+restart loses only the step in flight, bitwise exact (failed_step.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from lattice.addon import failed_step
+from lattice.addon.local_tier import step_dir
+
+from .harness import Launcher, bitwise_equal, id_lines, params, poll
+from .test_restore_exact import baseline
+
+NO_CHECKPOINTS = "1000000"  # the interval: nothing but the failed step's save is on disk
+
+
+def kill_rank(
+    launcher: Launcher, script: str, world: int, victim: int, after: int
+) -> tuple[int, int]:
+    """Run ``script`` over ``world`` nodes, kill -9 rank ``victim`` once it logged ``after``
+    batches; the others fail on their own. (The step the survivors saved, batches it took.)"""
+    first = launcher.start(
+        script,
+        world,
+        nodes=world,
+        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
+        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
+        ZOO_STEP_SLEEP="0.05",
+    )
+    poll(lambda: len(id_lines(launcher.tmp, victim)) >= after, "training progress")
+    os.killpg(first.procs[victim].pid, signal.SIGKILL)
+    fetched = len(id_lines(launcher.tmp, victim))  # it logs each batch as it takes it
+    codes = first.wait()
+    assert codes[victim] == -signal.SIGKILL
+    assert all(code == 1 for r, code in enumerate(codes) if r != victim), first.output()
+    saved = re.findall(r"the step after (\d+) failed: saved step", first.output())
+    assert len(saved) == world - 1, first.output()  # every survivor, the same step
+    assert len(set(saved)) == 1
+    return int(saved[0]), fetched
+
+
+@pytest.mark.parametrize(
+    ("script", "batches_per_step"), [("train_epochs.py", 1), ("train_accum.py", 2)]
+)
+def test_kill_minus_nine_loses_only_the_step_in_flight(
+    launcher: Launcher, script: str, batches_per_step: int
+) -> None:
+    expected = baseline(launcher, script, 2)
+    step, fetched = kill_rank(launcher, script, 2, victim=1, after=9)
+    # The victim had taken ``fetched`` batches, so every rank had finished the backward pass of
+    # the ones before: the steps they make are finished everywhere, at most the last is lost.
+    assert step >= (fetched - 1) // batches_per_step, (step, fetched)
+    assert not step_dir(launcher.local_dir(1), step).exists()  # the victim's node: not there
+    second = launcher.start(
+        script,
+        2,
+        nodes=2,
+        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
+        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
+    )
+    assert second.wait() == [0, 0], second.output()
+    assert f"restored step {step}" in second.output()
+    assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
+    # The RNG states went with the step: a later restore of it needs no live record.
+    assert failed_step.kept_records(step_dir(launcher.local_dir(0), step)).keys() == {0, 1}
+
+
+def test_without_the_dead_ranks_record_the_step_is_not_used(launcher: Launcher) -> None:
+    """Its node is gone with its RNG state: restarting from scratch is exact, the step is not."""
+    expected = baseline(launcher, "train_epochs.py", 2)
+    step, _ = kill_rank(launcher, "train_epochs.py", 2, victim=1, after=9)
+    for record in (launcher.local_dir(1) / failed_step.RNG_DIR).iterdir():
+        record.write_bytes(b"")  # as if the node were replaced
+    second = launcher.start(
+        "train_epochs.py",
+        2,
+        nodes=2,
+        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
+        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
+    )
+    assert second.wait() == [0, 0], second.output()
+    log = second.output()
+    assert f"step {step} was saved after a failure, but the RNG states of old rank(s) [1]" in log
+    assert "restored step" not in log
+    assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))

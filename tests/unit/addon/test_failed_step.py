@@ -1,0 +1,54 @@
+"""RNG records of failed_step.py: exact round trip, torn slots, the right step only."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lattice.addon import failed_step, state
+
+
+def draws() -> tuple[float, float, float]:
+    return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+
+def test_packed_rng_restores_every_generator_exactly() -> None:
+    random.gauss(0, 1)  # a cached gaussian in python's and numpy's state
+    np.random.standard_normal()
+    blob = failed_step.pack_rng()
+    expected = draws()
+    draws()  # move on
+    state.restore_rng(failed_step.unpack_rng(blob))
+    assert draws() == expected
+
+
+def test_records_keep_the_newest_two_steps_and_reject_a_torn_one(tmp_path: Path) -> None:
+    records = failed_step.RngRecords(tmp_path, rank=3)
+    for step in (7, 8, 9):
+        records.write(generation=2, step=step, world=4, rng=f"rng{step}".encode())
+    assert failed_step.read_records(tmp_path, 2, 9, 4) == {3: b"rng9"}
+    assert failed_step.read_records(tmp_path, 2, 8, 4) == {3: b"rng8"}
+    assert failed_step.read_records(tmp_path, 2, 7, 4) == {}  # overwritten
+    assert failed_step.read_records(tmp_path, 1, 9, 4) == {}  # another round's step 9
+    assert failed_step.read_records(tmp_path, 2, 9, 2) == {}  # another world's
+    slot = tmp_path / failed_step.RNG_DIR / "rank-3.1"  # step 9's
+    raw = bytearray(slot.read_bytes())
+    raw[-1] ^= 0x01
+    slot.write_bytes(bytes(raw))
+    assert failed_step.read_records(tmp_path, 2, 9, 4) == {}
+    assert failed_step.read_records(tmp_path, 2, 8, 4) == {3: b"rng8"}
+
+
+def test_records_kept_with_a_step_survive_the_live_files(tmp_path: Path) -> None:
+    folder = tmp_path / "step-000000000005"
+    folder.mkdir()
+    failed_step.keep_records(folder, {0: b"a" * 10, 1: b"b" * 10})
+    assert failed_step.kept_records(folder) == {0: b"a" * 10, 1: b"b" * 10}
+    path = folder / failed_step.RNG_FILE
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert failed_step.kept_records(folder) == {}  # damaged: not trusted
