@@ -15,7 +15,6 @@ CRC): the rank that died left its own there for its restart, on its node.
 
 from __future__ import annotations
 
-import array
 import os
 import random
 import struct
@@ -38,7 +37,8 @@ RNG_DIR = "rng"  # under the node-local root: each rank's record of its last bou
 RNG_FILE = "rngs.pt"  # in a step's folder: every old rank's record, once a restore gathered them
 _MAGIC = b"LRNG"
 _HEAD = struct.Struct("<4sII")  # magic, crc32 of the body, body length
-_META = struct.Struct("<qqii")  # generation, step, rank, world
+_META = struct.Struct("<qqii?")  # generation, step, rank, world, exact
+_PY_WORDS = struct.Struct("<625I")  # random's Mersenne Twister: 624 words and the index
 
 
 @dataclass
@@ -51,13 +51,22 @@ class Boundary:
     positions: list[Any]  # data.Position of each tracked loader
     loops: list[dict[str, Any]]
     schedulers: list[int] = field(default_factory=list)  # each scheduler's last_epoch
-    versions: list[int] = field(default_factory=list)  # buffers' and averaged models' versions
+    versions: list[int] = field(default_factory=list)  # see `versions`
+    optimizer_steps: int = 0  # steps taken by all optimizers, the first one's included
 
 
-def versions(modules: list[torch.nn.Module], averaged: list[torch.nn.Module]) -> list[int]:
-    """In-place version counters of what a forward pass may change (a failed step included)."""
+def versions(
+    modules: list[torch.nn.Module], averaged: list[torch.nn.Module], scalers: list[Any]
+) -> list[int]:
+    """In-place version counters of what a step may change outside ``optimizer.step``: buffers
+    (a BatchNorm forward), averaged models, and a grad scaler's scale (its ``update`` after a
+    step it skipped for inf gradients)."""
     found = [b._version for m in modules for b in m.buffers()]
     found += [t._version for m in averaged for t in (*m.parameters(), *m.buffers())]
+    for scaler in scalers:
+        for name in ("_scale", "_growth_tracker"):
+            t = getattr(scaler, name, None)
+            found.append(-1 if t is None else t._version)
     return found
 
 
@@ -67,7 +76,7 @@ def pack_rng() -> bytes:
     version, internal, gauss = random.getstate()
     parts = [
         struct.pack("<i?d", version, gauss is not None, gauss or 0.0),
-        array.array("Q", internal).tobytes(),
+        _PY_WORDS.pack(*internal),
         torch.get_rng_state().numpy().tobytes(),
     ]
     if np is not None:
@@ -90,10 +99,8 @@ def unpack_rng(blob: bytes) -> dict[str, Any]:
     view = memoryview(blob)
     version, has_gauss, gauss = struct.unpack_from("<i?d", view, 0)
     at = struct.calcsize("<i?d")
-    words = array.array("Q")
-    words.frombytes(view[at : at + 625 * 8])
-    internal = list(words)
-    at += 625 * 8
+    internal = list(_PY_WORDS.unpack_from(view, at))
+    at += _PY_WORDS.size
     n_torch = torch.get_rng_state().numel()
     cpu = torch.frombuffer(bytearray(view[at : at + n_torch]), dtype=torch.uint8)
     at += n_torch
@@ -131,14 +138,15 @@ class RngRecords:
         self.rank = rank
         self.fds: list[int] = []
 
-    def write(self, generation: int, step: int, world: int, rng: bytes) -> None:
+    def write(self, generation: int, step: int, world: int, rng: bytes, exact: bool) -> None:
+        """``exact``: this is the RNG state at the step's boundary (see `Runtime._keep`)."""
         if not self.fds:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.fds = [
                 os.open(self.folder / f"rank-{self.rank}.{slot}", os.O_RDWR | os.O_CREAT, 0o600)
                 for slot in (0, 1)
             ]
-        body = _META.pack(generation, step, self.rank, world) + rng
+        body = _META.pack(generation, step, self.rank, world, exact) + rng
         os.pwrite(self.fds[step % 2], _HEAD.pack(_MAGIC, zlib.crc32(body), len(body)) + body, 0)
 
 
@@ -159,8 +167,8 @@ def read_records(root: Path, generation: int, step: int, world: int) -> dict[int
         body = raw[_HEAD.size : _HEAD.size + length]
         if magic != _MAGIC or len(body) != length or zlib.crc32(body) != crc:
             continue
-        gen, at, rank, size = _META.unpack_from(body)
-        if (gen, at, size) == (generation, step, world):
+        gen, at, rank, size, exact = _META.unpack_from(body)
+        if exact and (gen, at, size) == (generation, step, world):
             found[rank] = body[_META.size :]
     return found
 

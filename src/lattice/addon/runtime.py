@@ -72,15 +72,21 @@ OVERHEAD_BUDGET = 0.03  # what checkpointing may cost training, as a share of it
 OVERHEAD_AIM = OVERHEAD_BUDGET / 1.2
 RECENT_STEPS = 256  # step times kept for the policy (a median of them)
 RECENT_SNAPSHOTS = 4  # snapshot costs the policy averages once calibrated
-KEEP_SHARE = 0.005  # what keeping each boundary for a failed step may cost (of a step)
+# Keeping each boundary for a failed step (failed_step.py) comes out of the same budget; where
+# it would cost more than this share of a step, it is not done.
+KEEP_MAX_SHARE = 0.02
 CONTROL_POLL_S = 0.05
+TERM_HANDLER_WAIT_S = 0.5  # for the main thread to take a SIGTERM (`_term_watchdog`)
+TERM_WRITE_WAIT_S = 10.0  # at SIGTERM, for snapshots being written (the agent's kill bounds it)
 WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
 
 
-def _steps_for(cost_s: float, step_s: float) -> int:
-    """The interval at which a checkpoint costing ``cost_s`` is `OVERHEAD_AIM` of the steps
-    (rounded first: 1.0 / 0.00025 is 4000.0000000000005 in floats)."""
-    return max(1, math.ceil(round(cost_s / (OVERHEAD_AIM * step_s), 6)))
+def _steps_for(cost_s: float, step_s: float, spent: float = 0.0) -> int:
+    """The interval at which a checkpoint costing ``cost_s`` is `OVERHEAD_AIM` of the steps,
+    less the share ``spent`` on each step already (rounded first: 1.0 / 0.00025 is
+    4000.0000000000005 in floats)."""
+    aim = max(OVERHEAD_AIM - spent, OVERHEAD_AIM - KEEP_MAX_SHARE)
+    return max(1, math.ceil(round(cost_s / (aim * step_s), 6)))
 
 
 def _say(msg: str) -> None:
@@ -246,6 +252,15 @@ class Runtime:
         self._sharded: tuple[tuple[int, ...], bool] | None = None  # models' ids → any sharded
         self.keep_s: collections.deque[float] = collections.deque(maxlen=16)
         self.keep_off = False
+        self.record_s = 0.0  # what `_record_rng` cost after this step
+        self.rng_after_step: bytes | None = None  # what it recorded
+        self.rng_settled = False  # a step's record has been its boundary's, and always was
+        self.rng_drifts = False  # a step's record was not its boundary's
+        self.term_at_boundary = False  # SIGTERM came between a step and its boundary
+        self.optimizer_steps = 0  # by any optimizer: a second one may step before the first
+        self.stepping = False  # inside an optimizer's step: parameters are half updated
+        self.in_boundary = False  # inside `boundary`: its own state is half updated
+        self.pid = os.getpid()  # a DataLoader worker forked from this process is not it
         if self.service is not None:
             threading.Thread(target=self._upload_loop, name="lattice-upload", daemon=True).start()
 
@@ -344,12 +359,26 @@ class Runtime:
         self.pending = True
         if not self.loader_driven:
             self.boundary()
+        else:
+            self._record_rng()
 
     def boundary(self) -> None:
         """Called before each batch fetch: checkpoint / safe point for a step just finished."""
         if not self.pending:
             return
+        self.in_boundary = True
+        try:
+            self._boundary()
+        finally:
+            self.in_boundary = False
+
+    def _boundary(self) -> None:
         self.pending = False
+        self._keep_boundary()  # first: what follows may fail in a collective
+        if self.term_at_boundary:
+            self.in_boundary = False  # its state is whole: what follows is not run
+            self.save_failed_step()
+            _die_of_sigterm(self)
         now = time.perf_counter()
         if self.last_boundary is not None:
             self.step_times.append(now - self.last_boundary)
@@ -379,7 +408,6 @@ class Runtime:
                 self.queue.join()
             self.snapshot(sync=False)
         self._gate()
-        self._keep_boundary()
         self.last_boundary = time.perf_counter()
 
     def _gate(self) -> None:
@@ -400,22 +428,52 @@ class Runtime:
             self._written.wait_for(lambda: not self.writing or self.writing[0] > due)
         self.waits.append(time.perf_counter() - t0)
 
-    def _keep_boundary(self) -> None:
-        """What saving this step needs if the next one fails (failed_step.py): 50-100 µs.
+    def _keeping(self) -> bool:
+        """Whether steps are kept for failures (failed_step.py) in this process, now."""
+        if self.keep_off or not self.loader_driven or self.trainer is not None or self.registered:
+            return False  # the boundary is not a batch fetch, or state the addon cannot vouch for
+        models = self.models()
+        key = tuple(id(m) for m in models)
+        if self._sharded is None or self._sharded[0] != key:
+            self._sharded = (key, any(sharded.is_sharded(m) for m in models))
+        return not self._sharded[1]  # a rank's pieces die with it: only a checkpoint has them
 
-        Not kept where that is more than `KEEP_SHARE` of a step (a toy model's 1 ms steps):
+    def _record_rng(self) -> None:
+        """This rank's RNG state as the step just taken left it, for a restart of this rank if
+        it dies before the boundary (`_keep` tells whether that state is the boundary's)."""
+        self.rng_after_step = None
+        if not self._keeping():
+            return
+        t0 = time.perf_counter()
+        blob = failed_step.pack_rng()
+        self._write_rng(blob, exact=self.rng_settled)
+        self.rng_after_step = blob
+        self.record_s = time.perf_counter() - t0
+
+    def _write_rng(self, blob: bytes, exact: bool) -> None:
+        rank = self.rank()
+        if self.rng_records is None or self.rng_records.rank != rank:
+            self.rng_records = failed_step.RngRecords(self.root, rank)
+        self.rng_records.write(self.generation, self.step, self.world(), blob, exact)
+
+    def _keep_boundary(self) -> None:
+        """What saving this step needs if the next one fails (failed_step.py): 50-150 µs
+        with `_record_rng`.
+
+        Not kept where that is more than `KEEP_MAX_SHARE` of a step (a toy model's 1 ms steps):
         such a job checkpoints often anyway.
         """
         self.kept = None
-        if self.keep_off or not self.loader_driven or self.trainer is not None or self.registered:
-            return  # the boundary is not a batch fetch, or state the addon cannot vouch for
+        if not self._keeping():
+            return
         t0 = time.perf_counter()
         self._keep()
-        self.keep_s.append(time.perf_counter() - t0)
+        self.keep_s.append(time.perf_counter() - t0 + self.record_s)
+        self.record_s = 0.0
         full = len(self.keep_s) == self.keep_s.maxlen
         if full and self.step % 64 == 0 and len(self.step_times) >= CALIBRATION_STEPS:
             cost, step_s = _median(self.keep_s), _median(self.step_times)
-            if cost > KEEP_SHARE * step_s:
+            if cost > KEEP_MAX_SHARE * step_s:
                 self.keep_off, self.kept = True, None
                 _say(
                     f"not keeping steps for failures: {cost * 1e6:.0f} µs of a "
@@ -423,25 +481,44 @@ class Runtime:
                 )
 
     def _keep(self) -> None:
+        """The boundary's state; its RNG state is recorded unless the step's record holds it
+        already. Once a step's record is seen to differ from its boundary's (the script draws
+        random numbers in between), no record taken after a step counts as exact again."""
+        blob = failed_step.pack_rng()
+        after_step, self.rng_after_step = self.rng_after_step, None
+        if after_step is not None and blob != after_step:
+            self.rng_drifts = True
+        if blob != after_step or not self.rng_settled:
+            self._write_rng(blob, exact=True)
+        self.rng_settled = after_step is not None and not self.rng_drifts
         models = self.models()
-        key = tuple(id(m) for m in models)
-        if self._sharded is None or self._sharded[0] != key:
-            self._sharded = (key, any(sharded.is_sharded(m) for m in models))
-        if self._sharded[1]:
-            return  # a rank's pieces die with it: only a checkpoint has them
-        rank, world = self.rank(), self.world()
-        if self.rng_records is None or self.rng_records.rank != rank:
-            self.rng_records = failed_step.RngRecords(self.root, rank)
-        self.rng_records.write(self.generation, self.step, world, failed_step.pack_rng())
         self.kept = failed_step.Boundary(
             step=self.step,
             generation=self.generation,
-            world=world,
+            world=self.world(),
             positions=[tr.position(ld) for ld, tr in self.tracks()],
             loops=self.loops.capture(sys._getframe()),
             schedulers=[s.last_epoch for s in self._alive(self.schedulers)],
-            versions=failed_step.versions(models, self._alive(self.averaged)),
+            versions=self._versions(models),
+            optimizer_steps=self.optimizer_steps,
         )
+
+    def _versions(self, models: list[nn.Module]) -> list[int]:
+        return failed_step.versions(models, self._alive(self.averaged), self._alive(self.scalers))
+
+    def _keep_share(self, step_s: float) -> float:
+        """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
+        if self.keep_off or not self.keep_s:
+            return 0.0
+        return _median(self.keep_s) / step_s
+
+    def defer_to_boundary(self) -> bool:
+        """SIGTERM between a step and its boundary: the step's state is newer than the kept
+        boundary's and not yet whole (a scheduler may step next). Let the step run on to its
+        boundary and save that; every rank's record of this step is there (`_record_rng`)."""
+        if self.pending and self.rng_after_step is not None and not self.in_boundary:
+            self.term_at_boundary = True
+        return self.term_at_boundary
 
     def save_failed_step(self) -> None:
         """The step before the one that failed, from this process's live state (failed_step.py).
@@ -450,10 +527,12 @@ class Runtime:
         step, no scheduler step, no buffer written in place (a BatchNorm forward is).
         """
         kept = self.kept
-        if kept is None or self.pending or kept.step != self.step:
+        if kept is None or self.pending or kept.step != self.step or os.getpid() != self.pid:
             return
+        if self.stepping or self.in_boundary or kept.optimizer_steps != self.optimizer_steps:
+            return  # a step or a boundary was cut in half
         if kept.schedulers != [s.last_epoch for s in self._alive(self.schedulers)] or (
-            kept.versions != failed_step.versions(self.models(), self._alive(self.averaged))
+            kept.versions != self._versions(self.models())
         ):
             _say(f"step {kept.step} not saved after the failure: state changed since its end")
             return
@@ -476,7 +555,7 @@ class Runtime:
         local_tier.mark_round(folder, kept.generation)
         local_tier.save(folder / "state.pt", replicated)
         _say(
-            f"the step after {kept.step} failed: saved step {kept.step} "
+            f"the round failed after step {kept.step}: saved it "
             f"({time.perf_counter() - t0:.2f} s); only the step in flight is lost"
         )
 
@@ -507,7 +586,7 @@ class Runtime:
         step_s = max(times[len(times) // 2] if times else 1.0, 1e-9)
         uploads = self.upload_s[-RECENT_SNAPSHOTS:]
         cost = _mean(stalls) + _mean(writes) + (_mean(uploads) if uploads else 0.0)
-        return _steps_for(cost, step_s)
+        return _steps_for(cost, step_s, self._keep_share(step_s))
 
     def _calibrate(self) -> None:
         times = self.step_times
@@ -521,7 +600,7 @@ class Runtime:
         if self.mode == "seconds":
             interval = max(1, round(self.every / step_s))
         else:
-            interval = _steps_for(self.cost_s, step_s)
+            interval = _steps_for(self.cost_s, step_s, self._keep_share(step_s))
         dist = _dist()
         if dist is not None and dist.get_world_size() > 1:
             interval = _all_max(dist, interval)
@@ -1178,6 +1257,7 @@ def activate() -> Runtime | None:
     atexit.register(_yield_to_collectives)  # atexit runs the last registered first: after
     atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
     _on_uncaught(rt)
+    _on_sigterm(rt)
     return rt
 
 
@@ -1195,6 +1275,83 @@ def _on_uncaught(rt: Runtime) -> None:
     sys.excepthook = hook
 
 
+def _on_sigterm(rt: Runtime) -> None:
+    """The agent stops the survivors of a failed round with SIGTERM, often before their own
+    collective fails (a peer died while they computed): save the last step, then die of it.
+
+    Left alone where the script or its launcher chose what SIGTERM does.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    started = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        started.set()
+        if os.getpid() == rt.pid:
+            _hold_sigterm()
+            # A DataLoader's worker dying of the same SIGTERM must not raise in here.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            if rt.defer_to_boundary():
+                return  # the step goes on to its boundary, which is saved, then this dies
+            try:
+                rt.save_failed_step()
+            except Exception as err:
+                _say(f"saving the last finished step at SIGTERM failed: {err!r}")
+        _die_of_sigterm(rt)
+
+    signal.signal(signal.SIGTERM, handler)
+    _term_watchdog(started)
+
+
+def _die_of_sigterm(rt: Runtime) -> None:
+    """End as SIGTERM's default action would have, once the snapshots being written are."""
+    if os.getpid() == rt.pid:
+        with rt._written:  # this step's own snapshot, or an older one
+            rt._written.wait_for(lambda: not rt.writing, timeout=TERM_WRITE_WAIT_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(ValueError):  # not the main thread: exit as the shell reports it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    os._exit(128 + signal.SIGTERM)
+
+
+def _term_watchdog(started: threading.Event) -> None:
+    """A Python signal handler runs only when the main thread is back in Python: one blocked
+    in a collective whose peer vanished without a reset would hold the handler (and the round's
+    restart) until the agent's SIGKILL. This thread sees the signal arrive (the wakeup fd) and
+    ends the process as SIGTERM's default would have, unless the handler started meanwhile."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    try:
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:
+        os.close(read_fd)
+        os.close(write_fd)
+        return
+
+    def in_child() -> None:  # a forked DataLoader worker's signals are not this process's
+        with contextlib.suppress(ValueError):
+            signal.set_wakeup_fd(-1)
+
+    os.register_at_fork(after_in_child=in_child)
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(read_fd, 64)
+            except OSError:
+                return
+            if signal.SIGTERM in got and not started.wait(TERM_HANDLER_WAIT_S):
+                sys.stderr.flush()
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lattice-sigterm", daemon=True).start()
+
+
 def _track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
     original = cls.__init__
 
@@ -1207,13 +1364,26 @@ def _track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
 
 
 def _patch_torch(rt: Runtime) -> None:
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
 
     _track_init(torch.optim.Optimizer, rt.optimizers)
     _track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
     _track_init(torch.amp.GradScaler, rt.scalers)
     _track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
-    register_optimizer_step_post_hook(lambda opt, args, kwargs: rt.on_optimizer_step(opt))
+
+    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rt.stepping = True
+
+    def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rt.stepping = False
+        rt.optimizer_steps += 1
+        rt.on_optimizer_step(opt)
+
+    register_optimizer_step_pre_hook(pre_step)
+    register_optimizer_step_post_hook(post_step)
 
     sched_step = torch.optim.lr_scheduler.LRScheduler.step
 

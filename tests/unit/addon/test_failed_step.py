@@ -28,7 +28,7 @@ def test_packed_rng_restores_every_generator_exactly() -> None:
 def test_records_keep_the_newest_two_steps_and_reject_a_torn_one(tmp_path: Path) -> None:
     records = failed_step.RngRecords(tmp_path, rank=3)
     for step in (7, 8, 9):
-        records.write(generation=2, step=step, world=4, rng=f"rng{step}".encode())
+        records.write(generation=2, step=step, world=4, rng=f"rng{step}".encode(), exact=True)
     assert failed_step.read_records(tmp_path, 2, 9, 4) == {3: b"rng9"}
     assert failed_step.read_records(tmp_path, 2, 8, 4) == {3: b"rng8"}
     assert failed_step.read_records(tmp_path, 2, 7, 4) == {}  # overwritten
@@ -40,6 +40,16 @@ def test_records_keep_the_newest_two_steps_and_reject_a_torn_one(tmp_path: Path)
     slot.write_bytes(bytes(raw))
     assert failed_step.read_records(tmp_path, 2, 9, 4) == {}
     assert failed_step.read_records(tmp_path, 2, 8, 4) == {3: b"rng8"}
+
+
+def test_a_record_not_known_to_be_the_boundarys_is_not_used(tmp_path: Path) -> None:
+    records = failed_step.RngRecords(tmp_path, rank=0)
+    records.write(generation=1, step=4, world=2, rng=b"boundary-4", exact=True)
+    records.write(generation=1, step=5, world=2, rng=b"after-step-5", exact=False)
+    assert failed_step.read_records(tmp_path, 1, 5, 2) == {}
+    assert failed_step.read_records(tmp_path, 1, 4, 2) == {0: b"boundary-4"}
+    records.write(generation=1, step=5, world=2, rng=b"boundary-5", exact=True)  # same slot
+    assert failed_step.read_records(tmp_path, 1, 5, 2) == {0: b"boundary-5"}
 
 
 def test_records_kept_with_a_step_survive_the_live_files(tmp_path: Path) -> None:
