@@ -1,4 +1,5 @@
-"""Work after the step: DDP, dropout, AdamW, a per-step scheduler, then logging and a pause.
+"""Work after the step: DDP, BatchNorm, dropout, AdamW, a per-step scheduler, then logging
+and a pause.
 
 A rank that dies in the pause leaves the others there too, with the step finished but its
 boundary (the next batch fetch) not reached yet. Unmodified: knows nothing about Lattice.
@@ -22,8 +23,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
-    model = DistributedDataParallel(net)
+    net = nn.Sequential(
+        nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1)
+    )
+    # Without the broadcast, a forward starts without a collective: the BatchNorm statistics
+    # move before the gradients' all-reduce can fail.
+    model = DistributedDataParallel(net, broadcast_buffers=False)
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + 0.05 * step))
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "64")))

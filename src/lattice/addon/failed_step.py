@@ -55,19 +55,49 @@ class Boundary:
     optimizer_steps: int = 0  # steps taken by all optimizers, the first one's included
 
 
-def versions(
-    modules: list[torch.nn.Module], averaged: list[torch.nn.Module], scalers: list[Any]
-) -> list[int]:
-    """In-place version counters of what a step may change outside ``optimizer.step``: buffers
-    (a BatchNorm forward), averaged models, and a grad scaler's scale (its ``update`` after a
-    step it skipped for inf gradients)."""
-    found = [b._version for m in modules for b in m.buffers()]
-    found += [t._version for m in averaged for t in (*m.parameters(), *m.buffers())]
+def versions(averaged: list[torch.nn.Module], scalers: list[Any]) -> list[int]:
+    """In-place version counters of what a step may change outside ``optimizer.step`` and the
+    models' buffers (`BufferCopies`): averaged models, and a grad scaler's scale (its
+    ``update`` after a step it skipped for inf gradients)."""
+    found = [t._version for m in averaged for t in (*m.parameters(), *m.buffers())]
     for scaler in scalers:
         for name in ("_scale", "_growth_tracker"):
             t = getattr(scaler, name, None)
             found.append(-1 if t is None else t._version)
     return found
+
+
+def buffers(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
+    return [b for m in modules for b in m.buffers()]
+
+
+class BufferCopies:
+    """The models' buffers as of the last boundary: a forward pass writes some in place
+    (BatchNorm's running statistics, DDP's broadcast of rank 0's), so a failed step's forward
+    has moved them. All are copied at every boundary, since version counters do not tell:
+    BatchNorm's kernel updates its running statistics without bumping theirs."""
+
+    def __init__(self) -> None:
+        self.live: list[torch.Tensor] = []  # held: an id is reused once its tensor is freed
+        self.copies: list[torch.Tensor] = []
+
+    def keep(self, live: list[torch.Tensor]) -> None:
+        if not self._same(live):
+            self.live = list(live)
+            self.copies = [b.detach().clone() for b in live]
+        elif live:
+            torch._foreach_copy_(self.copies, live)
+
+    def by_identity(self, live: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        """id of each live buffer → its copy; None if the buffers are not the kept ones."""
+        if not self._same(live):
+            return None
+        return {id(b): c for b, c in zip(self.live, self.copies, strict=True)}
+
+    def _same(self, live: list[torch.Tensor]) -> bool:
+        return len(live) == len(self.live) and all(
+            a is b for a, b in zip(live, self.live, strict=True)
+        )
 
 
 # RNG records -----------------------------------------------------------------------------

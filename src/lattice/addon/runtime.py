@@ -257,6 +257,7 @@ class Runtime:
         self.rng_settled = False  # a step's record has been its boundary's, and always was
         self.rng_drifts = False  # a step's record was not its boundary's
         self.term_at_boundary = False  # SIGTERM came between a step and its boundary
+        self.buffer_copies = failed_step.BufferCopies()
         self.optimizer_steps = 0  # by any optimizer: a second one may step before the first
         self.stepping = False  # inside an optimizer's step: parameters are half updated
         self.in_boundary = False  # inside `boundary`: its own state is half updated
@@ -491,7 +492,7 @@ class Runtime:
         if blob != after_step or not self.rng_settled:
             self._write_rng(blob, exact=True)
         self.rng_settled = after_step is not None and not self.rng_drifts
-        models = self.models()
+        self.buffer_copies.keep(failed_step.buffers(self.models()))
         self.kept = failed_step.Boundary(
             step=self.step,
             generation=self.generation,
@@ -499,12 +500,12 @@ class Runtime:
             positions=[tr.position(ld) for ld, tr in self.tracks()],
             loops=self.loops.capture(sys._getframe()),
             schedulers=[s.last_epoch for s in self._alive(self.schedulers)],
-            versions=self._versions(models),
+            versions=self._versions(),
             optimizer_steps=self.optimizer_steps,
         )
 
-    def _versions(self, models: list[nn.Module]) -> list[int]:
-        return failed_step.versions(models, self._alive(self.averaged), self._alive(self.scalers))
+    def _versions(self) -> list[int]:
+        return failed_step.versions(self._alive(self.averaged), self._alive(self.scalers))
 
     def _keep_share(self, step_s: float) -> float:
         """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
@@ -532,7 +533,7 @@ class Runtime:
         if self.stepping or self.in_boundary or kept.optimizer_steps != self.optimizer_steps:
             return  # a step or a boundary was cut in half
         if kept.schedulers != [s.last_epoch for s in self._alive(self.schedulers)] or (
-            kept.versions != self._versions(self.models())
+            kept.versions != self._versions()
         ):
             _say(f"step {kept.step} not saved after the failure: state changed since its end")
             return
@@ -548,8 +549,18 @@ class Runtime:
             "rngs": [],
             failed_step.KEY: True,
         }
+        copies = self.buffer_copies.by_identity(failed_step.buffers(self.models()))
+        if copies is None:
+            _say(f"step {kept.step} not saved after the failure: the models' buffers changed")
+            return
         for name, obj in self.objects().items():
-            replicated[name] = state.detached_copy(obj.state_dict())
+            if isinstance(obj, nn.Module) and name.startswith("model."):
+                live = obj.state_dict(keep_vars=True)
+                for key, value in live.items():  # the buffers as the boundary left them
+                    live[key] = copies.get(id(value), value)
+                replicated[name] = state.detached_copy(live)
+            else:
+                replicated[name] = state.detached_copy(obj.state_dict())
         replicated["loaders"] = [p.to_state() for p in kept.positions]
         replicated["loops"] = kept.loops
         local_tier.mark_round(folder, kept.generation)
@@ -609,7 +620,9 @@ class Runtime:
         _say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
             f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms"
-            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms)" if self.upload_s else ")")
+            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms" if self.upload_s else "")
+            + (f"; {_median(self.keep_s) * 1e6:.0f} µs a step kept" if self.keep_s else "")
+            + ")"
         )
 
     def _safepoint_requested(self) -> bool:

@@ -45,7 +45,12 @@ def kill_rank(
 
 
 @pytest.mark.parametrize(
-    ("script", "batches_per_step"), [("train_epochs.py", 1), ("train_accum.py", 2)]
+    ("script", "batches_per_step"),
+    [
+        ("train_epochs.py", 1),
+        ("train_accum.py", 2),
+        ("train_after_step.py", 1),  # BatchNorm: the failed step's forward moved its buffers
+    ],
 )
 def test_kill_minus_nine_loses_only_the_step_in_flight(
     launcher: Launcher, script: str, batches_per_step: int

@@ -62,3 +62,22 @@ def test_records_kept_with_a_step_survive_the_live_files(tmp_path: Path) -> None
     raw[len(raw) // 2] ^= 0xFF
     path.write_bytes(bytes(raw))
     assert failed_step.kept_records(folder) == {}  # damaged: not trusted
+
+
+def test_buffer_copies_are_the_boundarys() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.register_buffer("mask", torch.ones(4))
+    copies = failed_step.BufferCopies()
+    copies.keep(failed_step.buffers([model]))
+    names = [name for name, _ in model.named_buffers()]
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    model(torch.randn(5, 3))  # running statistics move in place, their versions do not
+    kept = copies.by_identity(failed_step.buffers([model]))
+    assert kept is not None
+    for name, buf in model.named_buffers():
+        assert torch.equal(kept[id(buf)], before[name]), name
+    assert not torch.equal(model[1].running_mean, before["1.running_mean"])
+    copies.keep(failed_step.buffers([model]))  # the next boundary
+    assert torch.equal(copies.copies[names.index("1.running_mean")], model[1].running_mean)
+    model[1].running_mean = torch.zeros(4)  # replaced, not written in place
+    assert copies.by_identity(failed_step.buffers([model])) is None
