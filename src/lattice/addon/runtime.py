@@ -110,6 +110,20 @@ def _hold_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _sigterm_recorded(rt: Runtime) -> Any:
+    """SIGTERM waits until the block is done (`Runtime.term_pending` says it came)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(rt, "term_pending", True))
+    except ValueError:  # not the main thread: nothing to hold
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _all_max(dist: Any, value: int) -> int:
     """The largest ``value`` over all ranks, on a device the group's backend can reduce.
 
@@ -257,6 +271,8 @@ class Runtime:
         self.rng_settled = False  # a step's record has been its boundary's, and always was
         self.rng_drifts = False  # a step's record was not its boundary's
         self.term_at_boundary = False  # SIGTERM came between a step and its boundary
+        self.ending = False  # an uncaught exception is ending the script
+        self.term_pending = False  # SIGTERM came while a failed step was being saved
         self.buffer_copies = failed_step.BufferCopies()
         self.optimizer_steps = 0  # by any optimizer: a second one may step before the first
         self.stepping = False  # inside an optimizer's step: parameters are half updated
@@ -517,6 +533,8 @@ class Runtime:
         """SIGTERM between a step and its boundary: the step's state is newer than the kept
         boundary's and not yet whole (a scheduler may step next). Let the step run on to its
         boundary and save that; every rank's record of this step is there (`_record_rng`)."""
+        if self.ending:
+            return False  # no boundary comes: the script is ending with an exception
         if self.pending and self.rng_after_step is not None and not self.in_boundary:
             self.term_at_boundary = True
         return self.term_at_boundary
@@ -541,7 +559,16 @@ class Runtime:
         with self._written:
             if kept.step in self.writing or local_tier.recorded(folder / "state.pt"):
                 return  # its checkpoint is written (or being written: the exit flush waits)
-        _hold_sigterm()  # the agent stops the survivors of a failed round: finish this first
+        copies = self.buffer_copies.by_identity(failed_step.buffers(self.models()))
+        if copies is None:
+            _say(f"step {kept.step} not saved after the failure: the models' buffers changed")
+            return
+        with _sigterm_recorded(self):  # the agent stops a failed round's survivors: finish
+            self._write_failed_step(kept, folder, copies)
+
+    def _write_failed_step(
+        self, kept: failed_step.Boundary, folder: Path, copies: dict[int, torch.Tensor]
+    ) -> None:
         t0 = time.perf_counter()
         replicated: dict[str, Any] = {
             "step": kept.step,
@@ -549,10 +576,6 @@ class Runtime:
             "rngs": [],
             failed_step.KEY: True,
         }
-        copies = self.buffer_copies.by_identity(failed_step.buffers(self.models()))
-        if copies is None:
-            _say(f"step {kept.step} not saved after the failure: the models' buffers changed")
-            return
         for name, obj in self.objects().items():
             if isinstance(obj, nn.Module) and name.startswith("model."):
                 live = obj.state_dict(keep_vars=True)
@@ -1279,11 +1302,16 @@ def _on_uncaught(rt: Runtime) -> None:
     previous = sys.excepthook
 
     def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        rt.ending = True
         try:
             rt.save_failed_step()
         except Exception as err:  # the script's own error is what the log must show
             _say(f"saving the last finished step after the failure failed: {err!r}")
+        # A SIGTERM that came meanwhile ends the exit that follows (atexit, DDP and gloo
+        # teardown: about a second) at once, as it would have without the save.
         previous(kind, exc, tb)
+        if rt.term_pending:
+            _die_of_sigterm(rt)
 
     sys.excepthook = hook
 
