@@ -15,6 +15,8 @@ CRC): the rank that died left its own there for its restart, on its node.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import random
 import struct
@@ -39,6 +41,7 @@ _MAGIC = b"LRNG"
 _HEAD = struct.Struct("<4sII")  # magic, crc32 of the body, body length
 _META = struct.Struct("<qqii?")  # generation, step, rank, world, exact
 _PY_WORDS = struct.Struct("<625I")  # random's Mersenne Twister: 624 words and the index
+_TWISTER = 625 * 4  # numpy's in place: 624 uint32 words and an int position
 
 
 @dataclass
@@ -101,6 +104,46 @@ class BufferCopies:
 
 
 # RNG records -----------------------------------------------------------------------------
+class _NumpyPart:
+    """numpy's part of `pack_rng`. ``np.random.get_state`` copies the state (30 µs, half of a
+    pack); the Mersenne Twister's words and position, read in place (1 µs), tell when the last
+    copy still holds: the same words and no cached gaussian (taking a gaussian from the cache
+    moves no word). Most scripts never draw from numpy's global generator at all."""
+
+    def __init__(self) -> None:
+        self.address: int | None = None
+        self.checked = False
+        self.words = b""  # in place when `packed` was taken; empty: take it again
+        self.packed = b""
+
+    def part(self) -> bytes:
+        if not self.checked:
+            self.checked, self.address = True, _twister_address()
+        if self.words and ctypes.string_at(self.address or 0, _TWISTER) == self.words:
+            return self.packed
+        _kind, keys, pos, has_gauss, cached = np.random.get_state()
+        packed = struct.pack("<i?i?d", 1, True, pos, bool(has_gauss), cached) + keys.tobytes()
+        if self.address is not None:
+            self.packed = packed
+            self.words = b"" if has_gauss else ctypes.string_at(self.address, _TWISTER)
+        return packed
+
+
+def _twister_address() -> int | None:
+    """Where numpy's global generator keeps its 624 words and position (``mt19937_state``),
+    if its layout is the one expected (checked against ``get_state``); None otherwise."""
+    try:
+        address = int(np.random.mtrand._rand._bit_generator.ctypes.state_address)
+    except (AttributeError, TypeError):
+        return None
+    _kind, keys, pos, _has_gauss, _cached = np.random.get_state()
+    expected = keys.astype("<u4").tobytes() + struct.pack("<i", pos)
+    return address if ctypes.string_at(address, len(expected)) == expected else None
+
+
+_NUMPY = _NumpyPart()
+
+
 def pack_rng() -> bytes:
     """This process's RNG states (python, numpy, torch, CUDA), in a few microseconds."""
     version, internal, gauss = random.getstate()
@@ -110,8 +153,7 @@ def pack_rng() -> bytes:
         torch.get_rng_state().numpy().tobytes(),
     ]
     if np is not None:
-        _kind, keys, pos, has_gauss, cached = np.random.get_state()
-        parts += [struct.pack("<i?i?d", 1, True, pos, bool(has_gauss), cached), keys.tobytes()]
+        parts.append(_NUMPY.part())
     else:
         parts.append(struct.pack("<i?i?d", 0, False, 0, False, 0.0))
     cuda: list[torch.Tensor] = []
@@ -178,6 +220,18 @@ class RngRecords:
             ]
         body = _META.pack(generation, step, self.rank, world, exact) + rng
         os.pwrite(self.fds[step % 2], _HEAD.pack(_MAGIC, zlib.crc32(body), len(body)) + body, 0)
+
+
+def machine_records(root: Path, generation: int, step: int, world: int) -> dict[int, bytes]:
+    """`read_records` of this node and of the job's other nodes on this machine: a node that
+    replaced a dead one (a new pod beside it) finds the dead one's records in its folder."""
+    found = read_records(root, generation, step, world)
+    with contextlib.suppress(OSError):
+        for sibling in sorted(root.parent.iterdir()):
+            if sibling != root and (sibling / RNG_DIR).is_dir():
+                for rank, blob in read_records(sibling, generation, step, world).items():
+                    found.setdefault(rank, blob)
+    return found
 
 
 def read_records(root: Path, generation: int, step: int, world: int) -> dict[int, bytes]:

@@ -1002,11 +1002,12 @@ class Runtime:
         """(usable, this rank's RNG state) for a step saved after a failure (failed_step.py).
 
         Each old rank left its state in a record on its node; they are gathered from every node
-        and kept in the step's folder. Without the record of an old rank that a new rank takes
-        over (its node is gone), the step is not used: the run would not be exact.
+        (and from the job's other node folders on each machine) and kept in the step's folder.
+        Without the record of an old rank that a new rank takes over (its node is gone), the
+        step is not used: the run would not be exact.
         """
         folder = local_tier.step_dir(self.root, step)
-        mine = failed_step.read_records(self.root, generation, step, old_world)
+        mine = failed_step.machine_records(self.root, generation, step, old_world)
         mine.update(failed_step.kept_records(folder))
         found: dict[int, bytes] = {}
         for part in _everyone(dist, mine):

@@ -162,3 +162,22 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective(launcher: Launcher) -> None
     first.procs[0].send_signal(signal.SIGTERM)
     code = first.procs[0].wait(timeout=60)  # gloo itself would wait 30 minutes
     assert code == 128 + signal.SIGTERM, first.output()
+
+
+def test_a_node_replacing_the_dead_one_on_its_machine_uses_its_record(launcher: Launcher) -> None:
+    """A new pod on the dead one's machine starts with a fresh folder; the dead pod's folder,
+    beside it, still holds the dead rank's record."""
+    expected = baseline(launcher, "train_epochs.py", 2)
+    step, _ = kill_rank(launcher, "train_epochs.py", 2, victim=1, after=9)
+    dead = launcher.local_dir(1)
+    dead.rename(dead.with_name("local-dead-pod"))
+    second = launcher.start(
+        "train_epochs.py",
+        2,
+        nodes=2,
+        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
+        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
+    )
+    assert second.wait() == [0, 0], second.output()
+    assert f"restored step {step}" in second.output()
+    assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))

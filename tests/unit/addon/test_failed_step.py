@@ -25,6 +25,27 @@ def test_packed_rng_restores_every_generator_exactly() -> None:
     assert draws() == expected
 
 
+def test_packed_numpy_state_follows_every_draw_its_cached_gaussian_included() -> None:
+    """The numpy part is reused while numpy's words stay put: a gaussian taken from the cache
+    moves none of them, so a state holding one is never reused."""
+    for draw in (
+        lambda: None,
+        lambda: np.random.standard_normal(),  # draws a pair: one cached
+        lambda: np.random.standard_normal(),  # takes the cached one: no word moves
+        lambda: np.random.rand(),
+        lambda: None,
+        lambda: np.random.seed(5),
+    ):
+        draw()
+        blob = failed_step.pack_rng()
+        expected = (np.random.standard_normal(), np.random.rand(), np.random.standard_normal())
+        state.restore_rng(failed_step.unpack_rng(blob))
+        assert (np.random.standard_normal(), np.random.rand(), np.random.standard_normal()) == (
+            expected
+        )
+        state.restore_rng(failed_step.unpack_rng(blob))  # as it was, for the next draw
+
+
 def test_records_keep_the_newest_two_steps_and_reject_a_torn_one(tmp_path: Path) -> None:
     records = failed_step.RngRecords(tmp_path, rank=3)
     for step in (7, 8, 9):
@@ -81,3 +102,12 @@ def test_buffer_copies_are_the_boundarys() -> None:
     assert torch.equal(copies.copies[names.index("1.running_mean")], model[1].running_mean)
     model[1].running_mean = torch.zeros(4)  # replaced, not written in place
     assert copies.by_identity(failed_step.buffers([model])) is None
+
+
+def test_records_of_the_jobs_other_nodes_on_this_machine_are_found(tmp_path: Path) -> None:
+    mine, gone = tmp_path / "node-b2", tmp_path / "node-b"
+    failed_step.RngRecords(gone, rank=1).write(3, 10, 2, b"dead rank", exact=True)
+    failed_step.RngRecords(mine, rank=0).write(3, 10, 2, b"mine", exact=True)
+    failed_step.RngRecords(tmp_path / "node-c", rank=1).write(2, 10, 2, b"old round", exact=True)
+    assert failed_step.machine_records(mine, 3, 10, 2) == {0: b"mine", 1: b"dead rank"}
+    assert failed_step.read_records(mine, 3, 10, 2) == {0: b"mine"}
