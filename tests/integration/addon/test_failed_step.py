@@ -44,6 +44,19 @@ def kill_rank(
     return int(saved[0]), fetched
 
 
+def restart(launcher: Launcher, script: str) -> str:
+    """The next round, with no periodic checkpoint either: its log."""
+    second = launcher.start(
+        script,
+        2,
+        nodes=2,
+        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
+        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
+    )
+    assert second.wait() == [0, 0], second.output()
+    return second.output()
+
+
 @pytest.mark.parametrize(
     ("script", "batches_per_step"),
     [
@@ -61,15 +74,8 @@ def test_kill_minus_nine_loses_only_the_step_in_flight(
     # the ones before: the steps they make are finished everywhere, at most the last is lost.
     assert step >= (fetched - 1) // batches_per_step, (step, fetched)
     assert not step_dir(launcher.local_dir(1), step).exists()  # the victim's node: not there
-    second = launcher.start(
-        script,
-        2,
-        nodes=2,
-        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
-        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
-    )
-    assert second.wait() == [0, 0], second.output()
-    assert f"restored step {step}" in second.output()
+    log = restart(launcher, script)
+    assert f"restored step {step}" in log
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
     # The RNG states went with the step: a later restore of it needs no live record.
     assert failed_step.kept_records(step_dir(launcher.local_dir(0), step)).keys() == {0, 1}
@@ -81,15 +87,7 @@ def test_without_the_dead_ranks_record_the_step_is_not_used(launcher: Launcher) 
     step, _ = kill_rank(launcher, "train_epochs.py", 2, victim=1, after=9)
     for record in (launcher.local_dir(1) / failed_step.RNG_DIR).iterdir():
         record.write_bytes(b"")  # as if the node were replaced
-    second = launcher.start(
-        "train_epochs.py",
-        2,
-        nodes=2,
-        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
-        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
-    )
-    assert second.wait() == [0, 0], second.output()
-    log = second.output()
+    log = restart(launcher, "train_epochs.py")
     assert f"step {step} was saved after a failure, but the RNG states of old rank(s) [1]" in log
     assert "restored step" not in log
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
@@ -124,9 +122,7 @@ def test_sigterm_between_a_step_and_its_boundary_saves_that_step(launcher: Launc
     # The survivor finished the victim's last step too (its all-reduce completed); a victim
     # killed inside its next optimizer step leaves the survivor one step further.
     assert len(saved) == 1 and int(saved[0]) in (finished, finished + 1), first.output()
-    second = launcher.start(script, 2, nodes=2, **env)
-    assert second.wait() == [0, 0], second.output()
-    log = second.output()
+    log = restart(launcher, script)
     if f"restored step {saved[0]}" not in log:  # the victim died inside that step's update
         assert int(saved[0]) == finished + 1 and "are gone with their node" in log, log
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
@@ -171,13 +167,6 @@ def test_a_node_replacing_the_dead_one_on_its_machine_uses_its_record(launcher: 
     step, _ = kill_rank(launcher, "train_epochs.py", 2, victim=1, after=9)
     dead = launcher.local_dir(1)
     dead.rename(dead.with_name("local-dead-pod"))
-    second = launcher.start(
-        "train_epochs.py",
-        2,
-        nodes=2,
-        ZOO_OUT=str(launcher.tmp / "resumed.pt"),
-        LATTICE_CHECKPOINT_EVERY=NO_CHECKPOINTS,
-    )
-    assert second.wait() == [0, 0], second.output()
-    assert f"restored step {step}" in second.output()
+    log = restart(launcher, "train_epochs.py")
+    assert f"restored step {step}" in log
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
