@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.modules.batchnorm import _NormBase
 
 from lattice.addon import local_tier
 
@@ -70,36 +71,51 @@ def versions(averaged: list[torch.nn.Module], scalers: list[Any]) -> list[int]:
     return found
 
 
-def buffers(modules: list[torch.nn.Module]) -> list[torch.Tensor]:
-    return [b for m in modules for b in m.buffers()]
+def buffers(modules: list[torch.nn.Module]) -> list[tuple[torch.Tensor, bool]]:
+    """The models' buffers, each with whether its version counter cannot be trusted: the
+    running statistics of a norm layer, which its kernel updates without bumping it."""
+    found = []
+    for top in modules:
+        for module in top.modules():
+            silent = isinstance(module, _NormBase)
+            found += [(b, silent) for b in module._buffers.values() if b is not None]
+    return found
 
 
 class BufferCopies:
     """The models' buffers as of the last boundary: a forward pass writes some in place
-    (BatchNorm's running statistics, DDP's broadcast of rank 0's), so a failed step's forward
-    has moved them. All are copied at every boundary, since version counters do not tell:
-    BatchNorm's kernel updates its running statistics without bumping theirs."""
+    (BatchNorm's running statistics), so a failed step's forward has moved them. A buffer is
+    copied again when its version counter moved, and a norm layer's at every boundary (its
+    kernel does not bump theirs); a constant (a mask, a table) is copied once."""
 
     def __init__(self) -> None:
         self.live: list[torch.Tensor] = []  # held: an id is reused once its tensor is freed
         self.copies: list[torch.Tensor] = []
+        self.versions: list[int] = []
 
-    def keep(self, live: list[torch.Tensor]) -> None:
+    def keep(self, live: list[tuple[torch.Tensor, bool]]) -> None:
         if not self._same(live):
-            self.live = list(live)
-            self.copies = [b.detach().clone() for b in live]
-        elif live:
-            torch._foreach_copy_(self.copies, live)
+            self.live = [b for b, _ in live]
+            self.copies = [b.detach().clone() for b in self.live]
+            self.versions = [b._version for b in self.live]
+            return
+        moved = [
+            i for i, (b, silent) in enumerate(live) if silent or b._version != self.versions[i]
+        ]
+        if moved:
+            torch._foreach_copy_([self.copies[i] for i in moved], [self.live[i] for i in moved])
+            for i in moved:
+                self.versions[i] = self.live[i]._version
 
-    def by_identity(self, live: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    def by_identity(self, live: list[tuple[torch.Tensor, bool]]) -> dict[int, torch.Tensor] | None:
         """id of each live buffer → its copy; None if the buffers are not the kept ones."""
         if not self._same(live):
             return None
         return {id(b): c for b, c in zip(self.live, self.copies, strict=True)}
 
-    def _same(self, live: list[torch.Tensor]) -> bool:
+    def _same(self, live: list[tuple[torch.Tensor, bool]]) -> bool:
         return len(live) == len(self.live) and all(
-            a is b for a, b in zip(live, self.live, strict=True)
+            a is b for (a, _), b in zip(live, self.live, strict=True)
         )
 
 

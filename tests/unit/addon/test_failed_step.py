@@ -111,3 +111,22 @@ def test_records_of_the_jobs_other_nodes_on_this_machine_are_found(tmp_path: Pat
     failed_step.RngRecords(tmp_path / "node-c", rank=1).write(2, 10, 2, b"old round", exact=True)
     assert failed_step.machine_records(mine, 3, 10, 2) == {0: b"mine", 1: b"dead rank"}
     assert failed_step.read_records(mine, 3, 10, 2) == {0: b"mine"}
+
+
+def test_a_constant_buffer_is_copied_once_a_norm_layers_statistics_every_time() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    model.register_buffer("table", torch.arange(4.0))
+    copies = failed_step.BufferCopies()
+    copies.keep(failed_step.buffers([model]))
+    model.table.data.fill_(7.0)  # through .data: no version bump, so not copied again
+    model(torch.randn(5, 3))  # BatchNorm's statistics move, their versions do not
+    copies.keep(failed_step.buffers([model]))
+    kept = copies.by_identity(failed_step.buffers([model]))
+    assert kept is not None
+    assert torch.equal(kept[id(model.table)], torch.arange(4.0))
+    assert torch.equal(kept[id(model[1].running_mean)], model[1].running_mean)
+    model.table.add_(1.0)  # in place: its version moves, so it is copied again
+    copies.keep(failed_step.buffers([model]))
+    assert torch.equal(
+        copies.by_identity(failed_step.buffers([model]))[id(model.table)], model.table
+    )
