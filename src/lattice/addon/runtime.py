@@ -76,7 +76,8 @@ RECENT_SNAPSHOTS = 4  # snapshot costs the policy averages once calibrated
 # it would cost more than this share of a step, it is not done.
 KEEP_MAX_SHARE = 0.02
 CONTROL_POLL_S = 0.05
-TERM_HANDLER_WAIT_S = 0.5  # for the main thread to take a SIGTERM (`_term_watchdog`)
+TERM_HANDLER_WAIT_S = 1.0  # for the main thread to take a SIGTERM (`_term_watchdog`); a
+# loaded machine may not run it sooner, and the agent waits 3 s before its SIGKILL anyway
 TERM_WRITE_WAIT_S = 10.0  # at SIGTERM, for snapshots being written (the agent's kill bounds it)
 WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
 
