@@ -135,7 +135,8 @@ class _NumpyPart:
     def part(self) -> bytes:
         if not self.checked:
             self.checked, self.address = True, _twister_address()
-        if self.words and ctypes.string_at(self.address or 0, _TWISTER) == self.words:
+        address = self.address  # words are only taken where there is one
+        if address is not None and self.words and ctypes.string_at(address, _TWISTER) == self.words:
             return self.packed
         _kind, keys, pos, has_gauss, cached = np.random.get_state()
         packed = struct.pack("<i?i?d", 1, True, pos, bool(has_gauss), cached) + keys.tobytes()

@@ -475,8 +475,8 @@ class Runtime:
         self.rng_records.write(self.generation, self.step, self.world(), blob, exact)
 
     def _keep_boundary(self) -> None:
-        """What saving this step needs if the next one fails (failed_step.py): 50-150 µs
-        with `_record_rng`.
+        """What saving this step needs if the next one fails (failed_step.py): 100-200 µs
+        with `_record_rng` on an idle machine.
 
         Not kept where that is more than `KEEP_MAX_SHARE` of a step (a toy model's 1 ms steps):
         such a job checkpoints often anyway.
