@@ -20,6 +20,8 @@ outside; while ``Trainer.train()`` runs:
   epochs and the consumed batches of the current one by sampler index (accelerate's
   ``skip_first_batches``) and restores the RNG where its own resume does. The folder is deleted
   when ``train()`` returns.
+- **Failed step** (failed_step.py): ``on_step_end`` is also the boundary kept for a failure; a
+  failure raised out of ``train()`` saves that step before the exception leaves the wrapper.
 
 Activated when ``LATTICE_AUTOPATCH`` names ``transformers`` (the default): a `sys.meta_path` hook
 patches ``transformers.trainer`` right after it is imported.
@@ -135,6 +137,9 @@ def patch(rt: Any, module: Any) -> None:
         rt.trainer_begin(self)
         try:
             return original(self, resume_from_checkpoint, *args, **kwargs)
+        except Exception:
+            rt.trainer_failed()
+            raise
         finally:
             rt.trainer_end()
             self.remove_callback(callback)

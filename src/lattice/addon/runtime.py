@@ -366,12 +366,16 @@ class Runtime:
 
     # step boundary -----------------------------------------------------------------------
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.trainer is not None or self.loading:
-            return  # Trainer's on_step_end is the boundary (trainer_step_end)
+        if self.loading:
+            return
         live = self._alive(self.optimizers)
         if not live or live[0] is not optimizer:
             return
         self.step += 1
+        if self.trainer is not None:  # Trainer's on_step_end is the boundary (trainer_step_end)
+            self.pending = True
+            self._record_rng()
+            return
         for track in self.open_passes.values():
             track.mark_step()
         self.pending = True
@@ -448,8 +452,10 @@ class Runtime:
 
     def _keeping(self) -> bool:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
-        if self.keep_off or not self.loader_driven or self.trainer is not None or self.registered:
-            return False  # the boundary is not a batch fetch, or state the addon cannot vouch for
+        if self.keep_off or self.registered:
+            return False  # state the addon cannot vouch for (a registered object's)
+        if self.trainer is None and not self.loader_driven:
+            return False  # the boundary is neither a batch fetch nor Trainer's step end
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -578,7 +584,7 @@ class Runtime:
             failed_step.KEY: True,
         }
         for name, obj in self.objects().items():
-            if isinstance(obj, nn.Module) and name.startswith("model."):
+            if isinstance(obj, nn.Module):
                 live = obj.state_dict(keep_vars=True)
                 for key, value in live.items():  # the buffers as the boundary left them
                     live[key] = copies.get(id(value), value)
@@ -1170,15 +1176,26 @@ class Runtime:
     def trainer_begin(self, trainer: Any) -> None:
         self.restore_done = True
         self.trainer = weakref.ref(trainer)
+        self.kept = None  # a boundary kept outside Trainer is not one of its steps
+
+    def trainer_failed(self) -> None:
+        """``Trainer.train()`` is raising (a peer died inside a collective): the last finished
+        step is saved now, while the objects are Trainer's; the excepthook comes too late."""
+        try:
+            self.save_failed_step()
+        except Exception as err:  # the script's own error is what the log must show
+            _say(f"saving the last finished step after the failure failed: {err!r}")
 
     def trainer_end(self) -> None:
         self.trainer = None
+        self.kept = None  # its step is saved from Trainer's objects only (`trainer_failed`)
 
     def trainer_step_end(self, global_step: int, evaluating: bool) -> None:
         """Trainer's on_step_end: the step boundary while Trainer.train() runs."""
         self.step = global_step
         if evaluating:  # evaluation draws random numbers after this: the next step's end is it
             self.force = self.force or self._due()
+            self.pending, self.kept = False, None  # a failure before then saves no step
             return
         self.pending = True
         self.boundary()

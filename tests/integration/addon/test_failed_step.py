@@ -63,6 +63,7 @@ def restart(launcher: Launcher, script: str) -> str:
         ("train_epochs.py", 1),
         ("train_accum.py", 2),
         ("train_after_step.py", 1),  # BatchNorm: the failed step's forward moved its buffers
+        ("train_trainer.py", 1),  # transformers.Trainer (its log: one line per step's end)
     ],
 )
 def test_kill_minus_nine_loses_only_the_step_in_flight(
@@ -93,23 +94,31 @@ def test_without_the_dead_ranks_record_the_step_is_not_used(launcher: Launcher) 
     assert bitwise_equal(params(expected), params(launcher.tmp / "resumed.pt"))
 
 
-def test_sigterm_between_a_step_and_its_boundary_saves_that_step(launcher: Launcher) -> None:
+@pytest.mark.parametrize(
+    ("script", "pause", "log"),
+    [
+        ("train_after_step.py", "ZOO_AFTER_STEP_SLEEP", "steps"),  # after the scheduler's step
+        ("train_trainer.py", "ZOO_STEP_SLEEP", "ids"),  # in a callback's on_step_end
+    ],
+)
+def test_sigterm_between_a_step_and_its_boundary_saves_that_step(
+    launcher: Launcher, script: str, pause: str, log: str
+) -> None:
     """The agent stops the survivors with SIGTERM, most often while they are past a finished
-    step and before the next fetch (here: a pause after the scheduler's step). That step is
-    saved at the boundary the survivor runs on to, with the dead rank's record of the step."""
-    script = "train_after_step.py"
+    step and before the next fetch (here: a pause after the step; ``log`` has a line per
+    finished step). That step is saved at the boundary the survivor runs on to, with the dead
+    rank's record of the step."""
     expected = baseline(launcher, script, 2)
-    steps_log = launcher.tmp / "steps"
     env = {
         "ZOO_OUT": str(launcher.tmp / "resumed.pt"),
         "LATTICE_CHECKPOINT_EVERY": NO_CHECKPOINTS,
+        pause: "0.3",
+        "ZOO_STEPS_LOG": str(launcher.tmp / "steps"),
     }
-    first = launcher.start(
-        script, 2, nodes=2, ZOO_AFTER_STEP_SLEEP="0.3", ZOO_STEPS_LOG=str(steps_log), **env
-    )
+    first = launcher.start(script, 2, nodes=2, **env)
 
     def steps_of(rank: int) -> int:
-        path = launcher.tmp / f"steps.{rank}"
+        path = launcher.tmp / f"{log}.{rank}"
         return len(path.read_text().splitlines()) if path.exists() else 0
 
     poll(lambda: steps_of(1) >= 6, "training progress")
