@@ -1,16 +1,20 @@
 """Checkpoint overhead of the addon: steps/s with vs without it, stall per checkpoint, restore time.
 
 Trains a >= 50M-parameter MLP with Adam (on CPU, or a GPU with ``--device cuda``) in the same
-invocation without and with the addon, alternating (``--pairs`` addon arms, each between two
-plain ones; subprocesses; the addon under its default policy), then restores the addon's last
-checkpoint and compares with ``torch.load`` of the same state from a local file.
+invocation without and with the addon (subprocesses; the addon under its default policy), then
+restores the addon's last checkpoint and compares with ``torch.load`` of the same state from a
+local file.
 
-Arms several minutes apart on a shared machine differ by more than the 3 % budget, so each
-addon arm also measures its checkpoints' cost inside its own run: the steps a snapshot and its
-write touched, against the quiet steps just before them (`accounted`); the same arithmetic on
-the plain arms is the control.
+A shared machine's speed drifts by 5-12 % over the minute an arm takes, more than the 3 %
+budget. So each pair's plain and addon arms run together, taking turns (``--interleave``
+seconds each, the other stopped with SIGSTOP; `interleaved`), and each arm's throughput is its
+steps over the time it ran. Each addon arm also measures its checkpoints' cost inside its own
+run: the steps a snapshot and its write touched, against the quiet steps just before them
+(`accounted`); the same arithmetic on the plain arm is the control. ``--interleave 0`` runs the
+arms one after another instead (plain, addon, plain, ...).
 
-    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--device cuda --steps 3000]
+    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--steps 2000 --pairs 2]
+        [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
 """
@@ -23,6 +27,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +62,11 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
     began: list[float] = []
     taken: list[int] = []
     beside: list[bool] = []
+    if os.environ.get(BUSY_FLAG_ENV):
+        live = _live_runtime()
+        if live is None:
+            raise SystemExit("an interleaved addon arm without the addon active")
+        _BusyFlag(os.environ[BUSY_FLAG_ENV], live)
     for i, (x,) in enumerate(loader):
         if i == warmup:
             from lattice.addon import runtime  # imported before the clock starts, in both arms
@@ -80,6 +90,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
         "params": sum(p.numel() for p in model.parameters()),
         "steps_per_s": (steps - warmup) / elapsed,
         "step_s": [b - a for a, b in itertools.pairwise(began)],
+        "began": began,  # perf_counter: CLOCK_MONOTONIC, the same clock in every process
     }
     if rt is not None:
         if rt.step_base:
@@ -106,6 +117,62 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)
+
+
+BUSY_FLAG_ENV = "BENCH_BUSY_FLAG"
+
+
+class _BusyFlag:
+    """One byte in a file, 1 while the addon takes, writes or uploads a snapshot: the
+    interleaving controller lets an addon arm run on until it is 0 before stopping it (see
+    `interleaved`). Set by wrappers around the runtime's snapshot, write and commit (a polling
+    thread would compete for the GIL with training: it cost 10-16 % of the addon arms)."""
+
+    def __init__(self, path: str, rt: Any) -> None:
+        self.fd = os.open(path, os.O_WRONLY)
+        self.rt = rt
+        snapshot, write = rt.snapshot, rt._write
+
+        def snapshot_(*args: Any, **kwargs: Any) -> Any:
+            self.mark(True)
+            return snapshot(*args, **kwargs)
+
+        def write_(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return write(*args, **kwargs)
+            finally:  # this write is still in `writing`; an upload it started is next
+                self.mark(len(rt.writing) > 1 or not rt.queue.empty() or self.uploading())
+
+        rt.snapshot, rt._write = snapshot_, write_
+        if rt.service is not None:
+            put, commit = rt.service.put, rt.service.commit
+
+            def put_(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return put(*args, **kwargs)
+                except BaseException:
+                    self.mark(bool(rt.writing) or not rt.queue.empty())
+                    raise
+
+            def commit_(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return commit(*args, **kwargs)
+                finally:  # the upload that ends here still counts as uploading
+                    self.mark(bool(rt.writing) or rt._upload_next is not None)
+
+            rt.service.put, rt.service.commit = put_, commit_
+
+    def uploading(self) -> bool:
+        return bool(self.rt._uploading or self.rt._upload_next is not None)
+
+    def mark(self, busy: bool) -> None:
+        os.pwrite(self.fd, b"\x01" if busy else b"\x00", 0)
+
+
+def _live_runtime() -> Any:
+    """The addon's runtime if the bootstrap activated it (the addon arm), without importing."""
+    module = sys.modules.get("lattice.addon.runtime")
+    return module.current() if module is not None else None
 
 
 def _in_flight(rt: Any) -> bool:
@@ -223,9 +290,10 @@ class Service:
         self.proc.wait(timeout=30)
 
 
-def arm(
+def arm_command(
     args: argparse.Namespace, addon: bool, tmp: Path, service: Service | None = None
-) -> dict[str, float]:
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of one arm (a subprocess running `train`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LATTICE_")}
     env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "2")
     local = tmp / "local"
@@ -240,11 +308,102 @@ def arm(
         env.update(service.env() if service else {})
     figures = [args.steps, args.warmup, args.width, args.depth, args.batch]
     cmd = [sys.executable, __file__, "--arm", *map(str, figures), "--device", args.device]
+    return cmd, env
+
+
+def arm(
+    args: argparse.Namespace, addon: bool, tmp: Path, service: Service | None = None
+) -> dict[str, Any]:
+    cmd, env = arm_command(args, addon, tmp, service)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
     sys.stderr.write(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out.pop("began")
+    return out
+
+
+def running(slices: list[tuple[float, float]], start: float, end: float) -> float:
+    """How long an arm ran between ``start`` and ``end``: its slices' overlap with them."""
+    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in slices)
+
+
+def on_running_time(out: dict[str, Any], slices: list[tuple[float, float]]) -> dict[str, Any]:
+    """An arm's figures with its stopped time taken out (see `interleaved`)."""
+    began = out["began"]
+    out["step_s"] = [running(slices, a, b) for a, b in itertools.pairwise(began)]
+    out["steps_per_s"] = len(out["step_s"]) / running(slices, began[0], began[-1])
+    out["ran"] = slices
+    out["slices"] = len(slices)
+    return out
+
+
+BUSY_WAIT_S = 120.0  # the longest an addon arm's slice is extended for its write or upload
+
+
+def interleaved(
+    args: argparse.Namespace, tmp: Path, service: Service | None, addon_first: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A plain arm and an addon arm started together, only one of them running at a time:
+    each runs for a slice of ``args.interleave`` seconds, then is stopped (SIGSTOP, all its
+    threads) while the other runs. A shared machine's speed drifts by 5-12 % over the minute
+    an arm takes; slices of a few seconds see the same machine, and each arm's throughput is
+    its steps over the time it ran. An addon arm is stopped only once its snapshot's write (or
+    upload) is done: otherwise the policy would time a write that included the other arm's
+    slice. (plain, addon) figures."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    flag = tmp / "busy"
+    flag.write_bytes(b"\x00")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs: dict[str, tuple[Path, Path]] = {}
+    order = ["addon", "plain"] if addon_first else ["plain", "addon"]
+    for name in order:
+        cmd, env = arm_command(args, name == "addon", tmp / name, service)
+        if name == "addon":
+            env[BUSY_FLAG_ENV] = str(flag)
+        (tmp / name).mkdir(exist_ok=True)
+        out, err = tmp / f"{name}.out", tmp / f"{name}.err"
+        logs[name] = (out, err)
+        with out.open("wb") as fo, err.open("wb") as fe:
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=fo, stderr=fe)
+        procs[name].send_signal(signal.SIGSTOP)
+    slices: dict[str, list[tuple[float, float]]] = {name: [] for name in order}
+    try:
+        for name in itertools.cycle(order):
+            if all(p.poll() is not None for p in procs.values()):
+                break
+            proc = procs[name]
+            if proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGCONT)
+            t0 = time.perf_counter()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=args.interleave)
+            if name == "addon":
+                deadline = time.monotonic() + BUSY_WAIT_S
+                while flag.read_bytes() != b"\x00" and proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)  # polling a flag of the arm's own, bounded
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGSTOP)
+            slices[name].append((t0, time.perf_counter()))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait()
+    results = {}
+    for name, proc in procs.items():
+        out, err = logs[name]
+        sys.stderr.write(err.read_text(errors="replace"))
+        if proc.returncode != 0:
+            raise SystemExit(f"{name} arm failed:\n{err.read_text(errors='replace')[-3000:]}")
+        raw = json.loads(out.read_text().strip().splitlines()[-1])
+        results[name] = on_running_time(raw, slices[name])
+    return results["plain"], results["addon"]
 
 
 def main() -> None:
@@ -256,6 +415,13 @@ def main() -> None:
     parser.add_argument("--every", default=None, help="LATTICE_CHECKPOINT_EVERY (default: auto)")
     parser.add_argument(
         "--pairs", type=int, default=3, help="addon arms, each between two plain ones (default 3)"
+    )
+    parser.add_argument(
+        "--interleave",
+        type=float,
+        default=2.0,
+        help="seconds each arm of a pair runs before the other runs (default 2); 0: the arms "
+        "run one after another, each addon arm between two plain ones",
     )
     parser.add_argument("--raw", help="write every arm's figures (JSON) to this file")
     parser.add_argument(
@@ -280,24 +446,33 @@ def main() -> None:
         if args.service:
             service = Service(Path(stack.enter_context(tempfile.TemporaryDirectory())))  # disk
             stack.callback(service.close)
-        # plain, addon, plain, addon, ..., plain: each addon arm is compared with the mean of
-        # the plain arms on either side of it (a drift that is linear over the three cancels;
-        # the better of the two would bias the ratio down by the arms' own spread), and the
-        # median of those ratios is the figure.
-        plains = [arm(args, addon=False, tmp=Path(d))]
-        addons = []
-        for _ in range(args.pairs):
-            addons.append(arm(args, addon=True, tmp=Path(d), service=service))
-            plains.append(arm(args, addon=False, tmp=Path(d)))
+        if args.interleave > 0:
+            pairs = [
+                interleaved(args, Path(d) / f"pair-{i}", service, addon_first=i % 2 == 1)
+                for i in range(args.pairs)
+            ]
+            plains, addons = [p for p, _ in pairs], [a for _, a in pairs]
+            beside = [p["steps_per_s"] for p in plains]
+            around = [[p] for p in plains]
+        else:
+            # plain, addon, plain, ..., plain: each addon arm against the mean of the plain arms
+            # on either side of it (a drift that is linear over the three cancels).
+            plains = [arm(args, addon=False, tmp=Path(d))]
+            addons = []
+            for _ in range(args.pairs):
+                addons.append(arm(args, addon=True, tmp=Path(d), service=service))
+                plains.append(arm(args, addon=False, tmp=Path(d)))
+            beside = [
+                (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2
+                for i in range(len(addons))
+            ]
+            around = [plains[i : i + 2] for i in range(len(addons))]
     if args.raw:
         Path(args.raw).write_text(json.dumps({"plains": plains, "addons": addons}))
-    beside = [
-        (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2 for i in range(len(addons))
-    ]
     ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
     middle = sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
     with_addon = addons[middle]
-    books = [accounted(a, plains[i : i + 2]) for i, a in enumerate(addons)]
+    books = [accounted(a, around[i]) for i, a in enumerate(addons)]
     result = {
         "benchmark": "checkpoint_overhead",
         "quick": args.quick,
@@ -308,6 +483,7 @@ def main() -> None:
         "params": with_addon["params"],
         "steps": args.steps,
         "pairs": args.pairs,
+        "interleave_s": args.interleave,
         "throughput_ratios": [round(r, 4) for r in ratios],
         "steps_per_s_without": round(beside[middle], 3),
         "steps_per_s_with_addon": round(with_addon["steps_per_s"], 3),
