@@ -6,15 +6,15 @@ restores the addon's last checkpoint and compares with ``torch.load`` of the sam
 local file.
 
 A shared machine's speed drifts by 5-12 % over the minute an arm takes, more than the 3 %
-budget. So each pair's plain and addon arms run together, taking turns (``--interleave``
-seconds each, the other stopped with SIGSTOP; `interleaved`), and each arm's throughput is its
-steps over the time it ran. Each addon arm also measures its checkpoints' cost inside its own
-run: the steps a snapshot and its write touched, against the quiet steps just before them
-(`accounted`); the same arithmetic on the plain arm is the control. ``--interleave 0`` runs the
-arms one after another instead (plain, addon, plain, ...).
+budget, so each addon arm also measures its checkpoints' cost inside its own run: the steps a
+snapshot and its write touched, against the quiet steps just before them (`accounted`); the
+same arithmetic on the plain arms is the control. The arms run one after another (plain,
+addon, plain, ...), or with ``--interleave S`` together, taking turns of S seconds (the other
+one stopped; `interleaved`). ``--control`` gives the addon arms the addon's environment with
+the addon switched off: the ratio the method reads where the addon does no work.
 
-    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--steps 2000 --pairs 2]
-        [--device cuda --steps 3000]
+    .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--pairs 3] [--steps 2000]
+        [--interleave 2] [--control] [--service] [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
 """
@@ -234,6 +234,11 @@ def accounted(addon: dict[str, Any], plain: list[dict[str, Any]]) -> dict[str, A
     }
 
 
+def accounted_nothing() -> dict[str, Any]:
+    """`accounted` for an arm without the addon (``--control``)."""
+    return {"checkpoint_costs_s": [], "accounted_pct": None, "control_pct": None}
+
+
 def restore_times(rt: object, model: object, opt: object) -> dict[str, float]:
     """Addon restore (read + verify + load_state_dict) vs torch.load of the same state."""
     import torch
@@ -306,6 +311,8 @@ def arm_command(
             PYTHONPATH=os.pathsep.join([str(BOOTSTRAP), str(REPO / "src")]),
         )
         env.update(service.env() if service else {})
+        if args.control:
+            env["LATTICE_AUTOPATCH"] = "none"  # the bootstrap does nothing: a plain run
     figures = [args.steps, args.warmup, args.width, args.depth, args.batch]
     cmd = [sys.executable, __file__, "--arm", *map(str, figures), "--device", args.device]
     return cmd, env
@@ -360,7 +367,7 @@ def interleaved(
     order = ["addon", "plain"] if addon_first else ["plain", "addon"]
     for name in order:
         cmd, env = arm_command(args, name == "addon", tmp / name, service)
-        if name == "addon":
+        if name == "addon" and not args.control:
             env[BUSY_FLAG_ENV] = str(flag)
         (tmp / name).mkdir(exist_ok=True)
         out, err = tmp / f"{name}.out", tmp / f"{name}.err"
@@ -419,9 +426,16 @@ def main() -> None:
     parser.add_argument(
         "--interleave",
         type=float,
-        default=2.0,
-        help="seconds each arm of a pair runs before the other runs (default 2); 0: the arms "
-        "run one after another, each addon arm between two plain ones",
+        default=0.0,
+        help="seconds each arm of a pair runs before the other one runs, both started together "
+        "(see `interleaved`); 0 (default): the arms run one after another, each addon arm "
+        "between two plain ones",
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="the addon arms get the addon's environment with LATTICE_AUTOPATCH=none (the "
+        "bootstrap does nothing): the ratio the method reads where the addon does no work",
     )
     parser.add_argument("--raw", help="write every arm's figures (JSON) to this file")
     parser.add_argument(
@@ -472,7 +486,10 @@ def main() -> None:
     ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
     middle = sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
     with_addon = addons[middle]
-    books = [accounted(a, around[i]) for i, a in enumerate(addons)]
+    books = [
+        accounted(a, around[i]) if "snapshot_after" in a else accounted_nothing()
+        for i, a in enumerate(addons)
+    ]
     result = {
         "benchmark": "checkpoint_overhead",
         "quick": args.quick,
@@ -484,6 +501,7 @@ def main() -> None:
         "steps": args.steps,
         "pairs": args.pairs,
         "interleave_s": args.interleave,
+        "control": args.control,
         "throughput_ratios": [round(r, 4) for r in ratios],
         "steps_per_s_without": round(beside[middle], 3),
         "steps_per_s_with_addon": round(with_addon["steps_per_s"], 3),

@@ -24,7 +24,15 @@ def load_bench() -> ModuleType:
 def test_arms_take_turns_and_each_is_timed_only_while_it_ran(tmp_path: Path) -> None:
     bench = load_bench()
     args = argparse.Namespace(
-        steps=150, warmup=4, width=256, depth=4, batch=64, device="cpu", every="1", interleave=0.1
+        steps=150,
+        warmup=4,
+        width=256,
+        depth=4,
+        batch=64,
+        device="cpu",
+        every="1",
+        interleave=0.1,
+        control=False,
     )
     plain, addon = bench.interleaved(args, tmp_path, None, addon_first=True)
     for arm in (plain, addon):
