@@ -383,8 +383,8 @@ def interleaved(
             proc = procs[name]
             if proc.poll() is not None:
                 continue
+            t0 = time.perf_counter()  # before: the arm may run at once, and this wait
             proc.send_signal(signal.SIGCONT)
-            t0 = time.perf_counter()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=args.interleave)
             if name == "addon":

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[3]
-STOP_TAKES_S = 0.02  # a stopped arm may begin one more step while SIGSTOP lands
+STOP_TAKES_S = 0.05  # a stopped arm may begin one more step while SIGSTOP lands
 
 
 def load_bench() -> ModuleType:
@@ -31,7 +31,7 @@ def test_arms_take_turns_and_each_is_timed_only_while_it_ran(tmp_path: Path) -> 
         batch=64,
         device="cpu",
         every="1",
-        interleave=0.1,
+        interleave=0.3,
         control=False,
     )
     plain, addon = bench.interleaved(args, tmp_path, None, addon_first=True)
