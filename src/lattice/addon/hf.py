@@ -138,7 +138,7 @@ def patch(rt: Any, module: Any) -> None:
         try:
             return original(self, resume_from_checkpoint, *args, **kwargs)
         except Exception:
-            rt.trainer_failed()
+            rt.save_after_failure()
             raise
         finally:
             rt.trainer_end()

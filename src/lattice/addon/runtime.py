@@ -1178,9 +1178,10 @@ class Runtime:
         self.trainer = weakref.ref(trainer)
         self.kept = None  # a boundary kept outside Trainer is not one of its steps
 
-    def trainer_failed(self) -> None:
-        """``Trainer.train()`` is raising (a peer died inside a collective): the last finished
-        step is saved now, while the objects are Trainer's; the excepthook comes too late."""
+    def save_after_failure(self) -> None:
+        """An exception is ending the training (a peer died inside a collective): save the
+        last finished step. Called by the excepthook, and by the ``Trainer.train`` wrapper
+        while the objects are still Trainer's (the excepthook comes too late there)."""
         try:
             self.save_failed_step()
         except Exception as err:  # the script's own error is what the log must show
@@ -1188,7 +1189,7 @@ class Runtime:
 
     def trainer_end(self) -> None:
         self.trainer = None
-        self.kept = None  # its step is saved from Trainer's objects only (`trainer_failed`)
+        self.kept = None  # its step is saved from Trainer's objects only (hf.py)
 
     def trainer_step_end(self, global_step: int, evaluating: bool) -> None:
         """Trainer's on_step_end: the step boundary while Trainer.train() runs."""
@@ -1322,10 +1323,7 @@ def _on_uncaught(rt: Runtime) -> None:
 
     def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         rt.ending = True
-        try:
-            rt.save_failed_step()
-        except Exception as err:  # the script's own error is what the log must show
-            _say(f"saving the last finished step after the failure failed: {err!r}")
+        rt.save_after_failure()
         # A SIGTERM that came meanwhile ends the exit that follows (atexit, DDP and gloo
         # teardown: about a second) at once, as it would have without the save.
         previous(kind, exc, tb)
