@@ -21,7 +21,7 @@ async def test_lines_are_prefixed_split_and_flushed(tmp_path: Path) -> None:
     label.set("rank3")
     log = tmp_path / "r" / "stdout.log"
     await pump(reader, label, Sink(out, log))
-    drain_all()
+    drain_all(30)
     lines = out.getvalue().split(b"\n")
     assert lines[0] == b"[rank3]: hello"
     assert lines[1] == b"[rank3]: world"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lattice.agent.output import Sink
+from lattice.agent.output import Sink, drain_all
 from lattice.agent.standby import StandbyPool
 from lattice.agent.workers import Program, Worker, start_worker
 
@@ -148,6 +148,7 @@ async def test_uncaught_exception_looks_the_same(tmp_path: Path) -> None:
     fresh.assign(0, None)
     assert await _result(fresh) == 1
     await asyncio.gather(*fresh.pumps)
+    drain_all(30)  # the pumps hand lines to a writer thread: wait until it has written them
     outputs.append(fresh_err.getvalue())
     warm_err = io.BytesIO()
     pool = StandbyPool(program, [env], None, lambda _: (Sink(None), Sink(warm_err)), modules=())
@@ -157,6 +158,7 @@ async def test_uncaught_exception_looks_the_same(tmp_path: Path) -> None:
     assert await _result(warm) == 1
     await asyncio.gather(*warm.pumps)
     await pool.close()
+    drain_all(30)
     outputs.append(warm_err.getvalue())
     assert outputs[0] == outputs[1], outputs
     assert b"ValueError: boom" in outputs[0] and b"_standby" not in outputs[0]
