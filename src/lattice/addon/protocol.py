@@ -5,6 +5,8 @@ The agent imports ``SAFEPOINT_EXIT`` from here, so the two sides cannot drift.
 
 from __future__ import annotations
 
+import sys
+
 SAFEPOINT_EXIT = 83  # exit code: "checkpoint committed at a safe point, as you asked"
 CHECKPOINT_AND_EXIT = "checkpoint-and-exit"  # what the agent writes into LATTICE_CONTROL_FILE
 
@@ -19,6 +21,12 @@ ENV_EVERY = "LATTICE_CHECKPOINT_EVERY"
 ENV_KEEP = "LATTICE_CHECKPOINT_KEEP"
 ENV_LOG = "LATTICE_ADDON_LOG"  # log level of the addon's own lines (default INFO)
 
+
+def say(msg: str) -> None:
+    """One line of the addon's in the worker's stderr (the agent prefixes it with the rank)."""
+    print(f"lattice addon: {msg}", file=sys.stderr, flush=True)
+
+
 __all__ = [
     "CHECKPOINT_AND_EXIT",
     "ENV_AUTOPATCH",
@@ -32,4 +40,5 @@ __all__ = [
     "ENV_ROUND",
     "ENV_TOKEN",
     "SAFEPOINT_EXIT",
+    "say",
 ]

@@ -13,10 +13,8 @@ import collections
 import contextlib
 import gc
 import logging
-import math
 import os
 import queue
-import signal
 import sys
 import threading
 import time
@@ -31,152 +29,29 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lattice.addon import (
+    collective,
     data,
     failed_step,
     hf,
     local_tier,
     loops,
+    patches,
+    policy,
     protocol,
     replica,
     service_tier,
+    settings,
     sharded,
+    signals,
     state,
 )
+from lattice.addon.protocol import say
 
 log = logging.getLogger("lattice.addon")
 
 KEEP = 2
-CALIBRATION_STEPS = 6
-CALIBRATION_SNAPSHOTS = 2
-
-
-def _mean(samples: list[float]) -> float:
-    return sum(samples) / len(samples)
-
-
-def _median(samples: collections.abc.Iterable[float]) -> float:
-    ordered = sorted(samples)
-    return ordered[len(ordered) // 2] if ordered else 0.0
-
-
-def _typical(samples: list[float]) -> float:
-    """The cost of a warm snapshot: the latest sample (the first pays one-time costs)."""
-    return samples[-1] if samples else 0.0
-
-
-OVERHEAD_BUDGET = 0.03  # what checkpointing may cost training, as a share of its time
-# The interval is sized for less than the budget: one checkpoint's cost, as the steps beside it
-# measure it, varies by about ±20 % around the policy's estimate (0.82-1.34 s in one run of
-# benchmarks/checkpoint_overhead.py), and sizing for the budget itself put every other run
-# above it.
-OVERHEAD_AIM = OVERHEAD_BUDGET / 1.2
-RECENT_STEPS = 256  # step times kept for the policy (a median of them)
-RECENT_SNAPSHOTS = 4  # snapshot costs the policy averages once calibrated
-# Keeping each boundary for a failed step (failed_step.py) comes out of the same budget; where
-# it would cost more than this share of a step, it is not done.
-KEEP_MAX_SHARE = 0.02
 CONTROL_POLL_S = 0.05
-TERM_HANDLER_WAIT_S = 1.0  # for the main thread to take a SIGTERM (`_term_watchdog`); a
-# loaded machine may not run it sooner, and the agent waits 3 s before its SIGKILL anyway
-TERM_WRITE_WAIT_S = 10.0  # at SIGTERM, for snapshots being written (the agent's kill bounds it)
 WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
-
-
-def _steps_for(cost_s: float, step_s: float, spent: float = 0.0) -> int:
-    """The interval at which a checkpoint costing ``cost_s`` is `OVERHEAD_AIM` of the steps,
-    less the share ``spent`` on each step already (rounded first: 1.0 / 0.00025 is
-    4000.0000000000005 in floats)."""
-    aim = max(OVERHEAD_AIM - spent, OVERHEAD_AIM - KEEP_MAX_SHARE)
-    return max(1, math.ceil(round(cost_s / (aim * step_s), 6)))
-
-
-def _say(msg: str) -> None:
-    print(f"lattice addon: {msg}", file=sys.stderr, flush=True)
-
-
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def _hold_sigterm() -> None:
-    """Ignore SIGTERM for the rest of this process: it is writing its safe point, then exits.
-
-    When one node leaves after a safe point the round ends for the others too, and their
-    agents SIGTERM workers that may still be writing that same checkpoint (the agent's SIGKILL
-    after its grace still bounds the wait).
-    """
-    with contextlib.suppress(ValueError):  # not the main thread: the default action stays
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def _sigterm_recorded(rt: Runtime) -> Any:
-    """SIGTERM waits until the block is done (`Runtime.term_pending` says it came)."""
-    try:
-        previous = signal.signal(signal.SIGTERM, lambda *_: setattr(rt, "term_pending", True))
-    except ValueError:  # not the main thread: nothing to hold
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _all_max(dist: Any, value: int) -> int:
-    """The largest ``value`` over all ranks, on a device the group's backend can reduce.
-
-    A plain ``nccl`` group reduces CUDA tensors only; gloo (and ``cpu:gloo,cuda:nccl``) CPU ones.
-    """
-    device = torch.device("cpu")
-    if str(dist.get_backend()) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def _everyone(dist: Any, value: Any) -> list[Any]:
-    """``value`` of every rank, by rank (``all_gather_object``); ``[value]`` alone."""
-    if dist is None or dist.get_world_size() <= 1:
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
-def autopatch_parts(env: dict[str, str]) -> set[str]:
-    """What ``LATTICE_AUTOPATCH`` names (default ``torch,transformers``; ``none`` → nothing)."""
-    setting = env.get(protocol.ENV_AUTOPATCH, "torch,transformers").strip().lower()
-    return {part.strip() for part in setting.split(",")}
-
-
-def autopatch_enabled(env: dict[str, str]) -> bool:
-    """True when the addon should activate: a Lattice job, and autopatch not set to ``none``."""
-    if not env.get(protocol.ENV_JOB):
-        return False
-    return "torch" in autopatch_parts(env)
-
-
-def parse_every(raw: str | None) -> tuple[str, float]:
-    """``N`` → ("steps", N); ``Ns`` → ("seconds", N); unset → ("auto", 0)."""
-    if not raw:
-        return ("auto", 0.0)
-    text = raw.strip().lower()
-    try:
-        if text.endswith("s"):
-            value = float(text[:-1])
-            if value > 0:
-                return ("seconds", value)
-        elif int(text) > 0:
-            return ("steps", float(int(text)))
-    except ValueError:
-        pass
-    from lattice.common.errors import UserError
-
-    raise UserError(f"LATTICE_CHECKPOINT_EVERY={raw!r}: expected N (steps) or Ns (seconds)")
 
 
 @dataclass
@@ -229,7 +104,7 @@ class Runtime:
         self.force = False
         self.last_control = 0.0
         self.last_boundary: float | None = None
-        self.step_times: collections.deque[float] = collections.deque(maxlen=RECENT_STEPS)
+        self.step_times: collections.deque[float] = collections.deque(maxlen=policy.RECENT_STEPS)
         self.last_snapshot = 0  # the step of the newest snapshot (auto and seconds modes)
         self.cost_s = 0.0  # what one checkpoint costs, as calibration counts it
         self.stalls: list[float] = []
@@ -285,12 +160,12 @@ class Runtime:
     # identity ----------------------------------------------------------------------------
     @staticmethod
     def rank() -> int:
-        dist = _dist()
+        dist = collective.dist()
         return dist.get_rank() if dist else int(os.environ.get("RANK", "0"))
 
     @staticmethod
     def world() -> int:
-        dist = _dist()
+        dist = collective.dist()
         return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
 
     @staticmethod
@@ -400,17 +275,17 @@ class Runtime:
         if self.term_at_boundary:
             self.in_boundary = False  # its state is whole: what follows is not run
             self.save_failed_step()
-            _die_of_sigterm(self)
+            signals.die_of_sigterm(self)
         now = time.perf_counter()
         if self.last_boundary is not None:
             self.step_times.append(now - self.last_boundary)
         stop = self._safepoint_requested()
         if stop:
-            _hold_sigterm()
+            signals.hold_sigterm()
             self.snapshot(sync=True)
             sys.stdout.flush()
             sys.stderr.flush()
-            _say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
+            say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
             os._exit(protocol.SAFEPOINT_EXIT)
         made = self.step - self.step_base  # steps made by this process
         if self.mode != "steps" and not self.calibrated:
@@ -420,7 +295,7 @@ class Runtime:
                 self.settled = True
                 self.flush()
                 self.step_times.clear()
-            if made >= CALIBRATION_STEPS:
+            if made >= policy.CALIBRATION_STEPS:
                 self._calibrate()
         if self.force or self._due():
             self.force = False
@@ -484,8 +359,8 @@ class Runtime:
         """What saving this step needs if the next one fails (failed_step.py): 100-200 µs
         with `_record_rng` on an idle machine.
 
-        Not kept where that is more than `KEEP_MAX_SHARE` of a step (a toy model's 1 ms steps):
-        such a job checkpoints often anyway.
+        Not kept where that is more than `policy.KEEP_MAX_SHARE` of a step (a toy model's 1 ms
+        steps): such a job checkpoints often anyway.
         """
         self.kept = None
         if not self._keeping():
@@ -495,11 +370,11 @@ class Runtime:
         self.keep_s.append(time.perf_counter() - t0 + self.record_s)
         self.record_s = 0.0
         full = len(self.keep_s) == self.keep_s.maxlen
-        if full and self.step % 64 == 0 and len(self.step_times) >= CALIBRATION_STEPS:
-            cost, step_s = _median(self.keep_s), _median(self.step_times)
-            if cost > KEEP_MAX_SHARE * step_s:
+        if full and self.step % 64 == 0 and len(self.step_times) >= policy.CALIBRATION_STEPS:
+            cost, step_s = policy.median(self.keep_s), policy.median(self.step_times)
+            if cost > policy.KEEP_MAX_SHARE * step_s:
                 self.keep_off, self.kept = True, None
-                _say(
+                say(
                     f"not keeping steps for failures: {cost * 1e6:.0f} µs of a "
                     f"{step_s * 1e3:.1f} ms step; a kill -9 loses up to the checkpoint interval"
                 )
@@ -534,7 +409,7 @@ class Runtime:
         """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
         if self.keep_off or not self.keep_s:
             return 0.0
-        return _median(self.keep_s) / step_s
+        return policy.median(self.keep_s) / step_s
 
     def defer_to_boundary(self) -> bool:
         """SIGTERM between a step and its boundary: the step's state is newer than the kept
@@ -560,7 +435,7 @@ class Runtime:
         if kept.schedulers != [s.last_epoch for s in self._alive(self.schedulers)] or (
             kept.versions != self._versions()
         ):
-            _say(f"step {kept.step} not saved after the failure: state changed since its end")
+            say(f"step {kept.step} not saved after the failure: state changed since its end")
             return
         folder = local_tier.step_dir(self.root, kept.step)
         with self._written:
@@ -568,9 +443,9 @@ class Runtime:
                 return  # its checkpoint is written (or being written: the exit flush waits)
         copies = self.buffer_copies.by_identity(failed_step.buffers(self.models()))
         if copies is None:
-            _say(f"step {kept.step} not saved after the failure: the models' buffers changed")
+            say(f"step {kept.step} not saved after the failure: the models' buffers changed")
             return
-        with _sigterm_recorded(self):  # the agent stops a failed round's survivors: finish
+        with signals.sigterm_recorded(self):  # the agent stops a failed round's survivors: finish
             self._write_failed_step(kept, folder, copies)
 
     def _write_failed_step(
@@ -595,7 +470,7 @@ class Runtime:
         replicated["loops"] = kept.loops
         local_tier.mark_round(folder, kept.generation)
         local_tier.save(folder / "state.pt", replicated)
-        _say(
+        say(
             f"the round failed after step {kept.step}: saved it "
             f"({time.perf_counter() - t0:.2f} s); only the step in flight is lost"
         )
@@ -604,7 +479,7 @@ class Runtime:
         if self.mode != "steps" and not self.calibrated:
             # Two snapshots before calibrating: the first pays one-time costs (allocation,
             # lazy imports: 92 ms against 0.3 ms warm for a tiny model), the second is typical.
-            return len(self.stalls) < CALIBRATION_SNAPSHOTS
+            return len(self.stalls) < policy.CALIBRATION_SNAPSHOTS
         if self.mode == "steps":
             return self.step % self.interval == 0
         return self.step - self.last_snapshot >= self.interval
@@ -619,15 +494,17 @@ class Runtime:
         """
         if self.mode != "auto" or not self.calibrated:
             return 0
-        stalls = self.stalls[1:][-RECENT_SNAPSHOTS:] or self.stalls
-        writes = self.write_s[1:][-RECENT_SNAPSHOTS:] or self.write_s
+        stalls = self.stalls[1:][-policy.RECENT_SNAPSHOTS :] or self.stalls
+        writes = self.write_s[1:][-policy.RECENT_SNAPSHOTS :] or self.write_s
         if not stalls or not writes:
             return self.interval
         times = sorted(self.step_times)
         step_s = max(times[len(times) // 2] if times else 1.0, 1e-9)
-        uploads = self.upload_s[-RECENT_SNAPSHOTS:]
-        cost = _mean(stalls) + _mean(writes) + (_mean(uploads) if uploads else 0.0)
-        return _steps_for(cost, step_s, self._keep_share(step_s))
+        uploads = self.upload_s[-policy.RECENT_SNAPSHOTS :]
+        cost = (
+            policy.mean(stalls) + policy.mean(writes) + (policy.mean(uploads) if uploads else 0.0)
+        )
+        return policy.steps_for(cost, step_s, self._keep_share(step_s))
 
     def _calibrate(self) -> None:
         times = self.step_times
@@ -637,21 +514,22 @@ class Runtime:
         # steps timed beside a write on an H200 looked unslowed, yet that interval cost 54 %).
         # An upload counts by its CPU time: waiting on the network or a remote service costs
         # training nothing, reading, hashing and sending the bytes compete like the write.
-        self.cost_s = _typical(self.stalls) + _typical(self.write_s) + _typical(self.upload_s)
+        stall, write, upload = map(policy.typical, (self.stalls, self.write_s, self.upload_s))
+        self.cost_s = stall + write + upload
         if self.mode == "seconds":
             interval = max(1, round(self.every / step_s))
         else:
-            interval = _steps_for(self.cost_s, step_s, self._keep_share(step_s))
-        dist = _dist()
+            interval = policy.steps_for(self.cost_s, step_s, self._keep_share(step_s))
+        dist = collective.dist()
         if dist is not None and dist.get_world_size() > 1:
-            interval = _all_max(dist, interval)
+            interval = collective.all_max(dist, interval)
         self.interval = interval
         self.calibrated = True
-        _say(
+        say(
             f"checkpoint every {interval} steps (step {step_s * 1e3:.1f} ms, stall "
-            f"{_typical(self.stalls) * 1e3:.1f} ms, write {_typical(self.write_s) * 1e3:.1f} ms"
-            + (f", upload {_typical(self.upload_s) * 1e3:.1f} ms" if self.upload_s else "")
-            + (f"; {_median(self.keep_s) * 1e6:.0f} µs a step kept" if self.keep_s else "")
+            f"{stall * 1e3:.1f} ms, write {write * 1e3:.1f} ms"
+            + (f", upload {upload * 1e3:.1f} ms" if self.upload_s else "")
+            + (f"; {policy.median(self.keep_s) * 1e6:.0f} µs a step kept" if self.keep_s else "")
             + ")"
         )
 
@@ -667,9 +545,9 @@ class Runtime:
             except OSError:
                 text = ""
             local = int(protocol.CHECKPOINT_AND_EXIT in text)
-        dist = _dist()
+        dist = collective.dist()
         if dist is not None and dist.get_world_size() > 1:
-            local = _all_max(dist, local)
+            local = collective.all_max(dist, local)
         return bool(local)
 
     # snapshot ----------------------------------------------------------------------------
@@ -682,14 +560,14 @@ class Runtime:
         # ranks in the next round (a node before it left) still restores from its own tier.
         # With pieces to upload, the ranks' upload reports travel along (see `_coordinate`).
         mine = (state.capture_rng(), *self._upload_report(local is not None), self._proposal())
-        dist = _dist()
-        gathered = _everyone(dist, mine)
+        dist = collective.dist()
+        gathered = collective.everyone(dist, mine)
         rngs = [g[0] for g in gathered]
         self.last_snapshot = self.step
         proposed = max(g[3] for g in gathered)  # the same on every rank
         if proposed:
             if abs(proposed - self.interval) > self.interval // 4:
-                _say(f"checkpoint every {proposed} steps (was {self.interval}: measured costs)")
+                say(f"checkpoint every {proposed} steps (was {self.interval}: measured costs)")
             self.interval = proposed
         if local is not None and not self._ring_decided:
             self._ring_decided = True  # every rank: the first sharded snapshot is collective
@@ -761,7 +639,7 @@ class Runtime:
         """After a safe point's upload: rank 0 commits it when every rank has uploaded it."""
         if self.service is None:
             return
-        reports = _everyone(dist, self.uploaded)
+        reports = collective.everyone(dist, self.uploaded)
         if self.rank() != 0 or any(r is None or r[0] != self.step for r in reports):
             return
         shards = {k: v for r in reports for k, v in r[1].items()}
@@ -769,7 +647,7 @@ class Runtime:
             self.service.commit(self.step, shards, self.world(), self.generation)
             self.committed = self.step
         except Exception as exc:
-            _say(f"checkpoint commit of step {self.step} failed: {exc!r}")
+            say(f"checkpoint commit of step {self.step} failed: {exc!r}")
 
     def flush(self) -> None:
         """Wait until every snapshot taken is written, and the newest one uploaded."""
@@ -785,7 +663,7 @@ class Runtime:
             try:
                 piece = self._write(*item)
             except Exception as exc:  # a failed write must not kill training
-                _say(f"checkpoint write failed: {exc!r}")
+                say(f"checkpoint write failed: {exc!r}")
                 with self._uploads:  # its upload will not come: others may start
                     self._claimed = False
             finally:
@@ -815,7 +693,7 @@ class Runtime:
                         local_tier.store(folder / f"{name}.pt", *got)
             self.upload_s.append(time.thread_time() - cpu0)
         except Exception as exc:  # the ring is out of step or a peer is gone: stop using it
-            _say(f"replicating the pieces of step {step} to the next node failed: {exc!r}")
+            say(f"replicating the pieces of step {step} to the next node failed: {exc!r}")
             self.ring = None
 
     def _write(self, step: int, files: dict[str, Any], upload: _Upload | None) -> Path | None:
@@ -866,7 +744,7 @@ class Runtime:
             except FileNotFoundError:
                 pass  # pruned: a newer step was written meanwhile, and is offered next
             except Exception as exc:  # a failed upload must not kill training
-                _say(f"checkpoint upload of step {step} failed: {exc!r}")
+                say(f"checkpoint upload of step {step} failed: {exc!r}")
             finally:
                 with self._uploads:
                     if done is not None:
@@ -880,7 +758,7 @@ class Runtime:
             path = local_tier.step_dir(self.root, step) / "state.pt"
             return self._unpack(local_tier.load(path))
         except (OSError, local_tier.CorruptFile, RuntimeError, KeyError, EOFError) as exc:
-            _say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
+            say(f"checkpoint at step {step} unusable ({exc}); trying the previous one")
             return None
 
     def _unpack(self, replicated: dict[str, Any]) -> dict[str, Any]:
@@ -891,7 +769,7 @@ class Runtime:
     def restore(self) -> None:
         """Load the newest checkpoint every rank has, once, before the first batch."""
         self.restore_done = True
-        dist = _dist()
+        dist = collective.dist()
         remote = self._service_step(dist)  # (round, step) of the service's newest
         step, local = self._agree_local(dist, newer_than=remote)
         if remote is not None and step is None:  # nothing local as new as the service's
@@ -911,7 +789,7 @@ class Runtime:
             # Taken inside Trainer.train(): Trainer loads it itself when train() starts (hf.py).
             self.trainer_checkpoint = got
             self._prune_newer(step)
-            _say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
+            say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
             return
         objects = self.objects()
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
@@ -934,7 +812,7 @@ class Runtime:
         training = [p for p in positions if p.had_steps(p.pass_index)]
         self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in training)
         for line in self.loops.load(replicated.get("loops", [])):
-            _say(f"step loop not resumed, it counts from its start again: {line}")
+            say(f"step loop not resumed, it counts from its start again: {line}")
         if self.loops.jump:
             # A step loop: its range calls resume it, and each loader's first pass is the
             # checkpoint's. Scheduler calls made before that pass are in the restored state.
@@ -945,7 +823,7 @@ class Runtime:
             state.restore_rng(got["rng"])
             self.rng_to_restore = None
         self._prune_newer(step)
-        _say(f"restored step {step} from {origin}")
+        say(f"restored step {step} from {origin}")
 
     def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:
@@ -972,16 +850,16 @@ class Runtime:
             )
             for s in local_tier.steps(self.root)
         }
-        everyone = _everyone(dist, mine)
+        everyone = collective.everyone(dist, mine)
         candidates = local_tier.ranked(everyone, newer_than)
         for step, sums, generation in candidates:
             if len(sums) > 1:
-                _say(f"node-local checkpoints of step {step} differ between nodes; not used")
+                say(f"node-local checkpoints of step {step} differ between nodes; not used")
             if len(sums) != 1:
                 continue
             summary = next(iter(sums))
             got = self._valid(step) if mine.get(step, (None, 0))[0] == summary else None
-            usable = _everyone(dist, got is not None)
+            usable = collective.everyone(dist, got is not None)
             if not any(usable):
                 continue
             if not all(usable):
@@ -1000,7 +878,7 @@ class Runtime:
                 got["pieces"] = pieces
             return step, got
         if candidates:
-            _say("no node-local checkpoint step is usable on any rank")
+            say("no node-local checkpoint step is usable on any rank")
         return None, None
 
     def _failed_step_rng(
@@ -1017,11 +895,11 @@ class Runtime:
         mine = failed_step.machine_records(self.root, generation, step, old_world)
         mine.update(failed_step.kept_records(folder))
         found: dict[int, bytes] = {}
-        for part in _everyone(dist, mine):
+        for part in collective.everyone(dist, mine):
             found.update(part)
         missing = [r for r in range(min(old_world, self.world())) if r not in found]
         if missing:
-            _say(
+            say(
                 f"step {step} was saved after a failure, but the RNG states of old rank(s) "
                 f"{missing} are gone with their node; not used"
             )
@@ -1030,7 +908,7 @@ class Runtime:
             try:
                 failed_step.keep_records(folder, found)
             except OSError as exc:
-                _say(f"could not keep the RNG states of step {step} with it: {exc}")
+                say(f"could not keep the RNG states of step {step} with it: {exc}")
         rank = self.rank()
         return True, (failed_step.unpack_rng(found[rank]) if rank in found else None)
 
@@ -1065,7 +943,7 @@ class Runtime:
             local_tier.prune_step(self.root, step)
             local_tier.mark_round(path.parent, generation)
             local_tier.store(path, data, summary)
-        _say(f"node-local checkpoint of step {step} received from rank {src}")
+        say(f"node-local checkpoint of step {step} received from rank {src}")
         return self._unpack(local_tier.loads(data, summary))
 
     def _local_pieces(
@@ -1083,7 +961,7 @@ class Runtime:
         names = {j: sharded.shard_name(j, old_world) for j in range(old_world)}
         present = {j: local_tier.recorded(folder / f"{n}.pt") for j, n in names.items()}
         mine = {j: summary for j, summary in present.items() if summary}
-        everyone = _everyone(dist, mine)
+        everyone = collective.everyone(dist, mine)
         holders: dict[int, int] = {}
         load = [0] * len(everyone)
         failed: set[tuple[int, int]] = set()  # (rank, old rank) reads that failed
@@ -1094,7 +972,7 @@ class Runtime:
                 having = [r for r, got in enumerate(everyone) if j in got and (r, j) not in failed]
                 if not having or len({everyone[r][j] for r in having}) > 1:
                     lack = f"node-local pieces of step {step} are incomplete (old rank {j})"
-                    _say(f"{lack}; not used")
+                    say(f"{lack}; not used")
                     return None
                 holder = j if j in having else min(having, key=lambda r: (load[r], r))
                 holders[j] = holder
@@ -1106,9 +984,9 @@ class Runtime:
                         # Mapped: `sharded.load` copies the rows into place, once.
                         held[j] = local_tier.load(folder / f"{names[j]}.pt", mapped=True)
                     except (OSError, local_tier.CorruptFile, RuntimeError, EOFError) as exc:
-                        _say(f"node-local pieces of step {step} unusable ({exc})")
+                        say(f"node-local pieces of step {step} unusable ({exc})")
                         mine_failed.append(j)
-            reports = _everyone(dist, mine_failed)
+            reports = collective.everyone(dist, mine_failed)
             failed |= {(r, j) for r, js in enumerate(reports) for j in js}
             pending = sorted({j for js in reports for j in js})
         return held, holders
@@ -1130,9 +1008,9 @@ class Runtime:
                     self.service.fence(self.generation)
                 remote = self.service.latest()
             except RoundSuperseded as exc:
-                _say(f"this round has ended, a newer one has started: {exc}")
+                say(f"this round has ended, a newer one has started: {exc}")
             except Exception as exc:
-                _say(f"checkpoint service not usable for restore: {exc}")
+                say(f"checkpoint service not usable for restore: {exc}")
         if dist is not None and dist.get_world_size() > 1:
             box = [remote]
             dist.broadcast_object_list(box, src=0)
@@ -1148,7 +1026,7 @@ class Runtime:
             try:
                 steps = [self.service.steps()]
             except Exception as exc:
-                _say(f"checkpoint service not usable for restore: {exc}")
+                say(f"checkpoint service not usable for restore: {exc}")
         if distributed:
             dist.broadcast_object_list(steps, src=0)
         for step in steps[0] or []:
@@ -1156,13 +1034,13 @@ class Runtime:
             try:
                 got = self.service.fetch(step, self.rank(), self.world())
             except Exception as exc:
-                _say(f"checkpoint of step {step} on the service unusable ({exc})")
-            if all(_everyone(dist, got is not None)):
+                say(f"checkpoint of step {step} on the service unusable ({exc})")
+            if all(collective.everyone(dist, got is not None)):
                 return got
         return None
 
     # transformers.Trainer (hf.py) ---------------------------------------------------------
-    say = staticmethod(_say)
+    say = staticmethod(say)
 
     def trainer_resume(self, trainer: Any) -> Path | None:
         """Restore (once) and, when the checkpoint is a Trainer's, write Trainer's folder."""
@@ -1185,7 +1063,7 @@ class Runtime:
         try:
             self.save_failed_step()
         except Exception as err:  # the script's own error is what the log must show
-            _say(f"saving the last finished step after the failure failed: {err!r}")
+            say(f"saving the last finished step after the failure failed: {err!r}")
 
     def trainer_end(self) -> None:
         self.trainer = None
@@ -1244,7 +1122,7 @@ class Runtime:
         if resuming:
             track.base = resume.consumed
         else:
-            _say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
+            say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
         iterator = original(loader)
         self._restore_rng()  # after the iterator drew its order: the checkpoint's state
         return self._counting(iterator, track)
@@ -1253,9 +1131,9 @@ class Runtime:
         self.loops_due = False
         done, missed = self.loops.apply(sys._getframe())
         if done:
-            _say(f"restored the script's counters: {', '.join(done)}")
+            say(f"restored the script's counters: {', '.join(done)}")
         if missed:
-            _say(f"step loop not resumed (it started before the restore): {', '.join(missed)}")
+            say(f"step loop not resumed (it started before the restore): {', '.join(missed)}")
 
     def _restore_rng(self) -> None:
         if self.rng_to_restore is not None:
@@ -1296,234 +1174,22 @@ def activate() -> Runtime | None:
     global _RUNTIME
     if _RUNTIME is not None:
         return _RUNTIME
-    if not autopatch_enabled(dict(os.environ)):
+    if not settings.autopatch_enabled(dict(os.environ)):
         return None
     job = os.environ[protocol.ENV_JOB]
     default_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"lattice-{job}"
     root = Path(os.environ.get(protocol.ENV_LOCAL_DIR) or default_root)
-    every = parse_every(os.environ.get(protocol.ENV_EVERY))
+    every = settings.parse_every(os.environ.get(protocol.ENV_EVERY))
     rt = Runtime(root, os.environ.get(protocol.ENV_CONTROL_FILE), every)
     _RUNTIME = rt
-    _patch_torch(rt)
+    patches.patch_torch(rt)
     main = sys.modules.get("__main__")
     if main is not None:
         loops.install_range(main.__dict__, rt.loops)
-    if "transformers" in autopatch_parts(dict(os.environ)):
+    if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)
-    atexit.register(_yield_to_collectives)  # atexit runs the last registered first: after
+    atexit.register(patches.yield_to_collectives)  # atexit runs the last registered first: after
     atexit.register(rt.flush)  # let in-flight writes and the last upload finish at the end
-    _on_uncaught(rt)
-    _on_sigterm(rt)
+    signals.on_uncaught(rt)
+    signals.on_sigterm(rt)
     return rt
-
-
-def _on_uncaught(rt: Runtime) -> None:
-    """An exception ends the script (a peer died inside a collective): save the last step."""
-    previous = sys.excepthook
-
-    def hook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
-        rt.ending = True
-        rt.save_after_failure()
-        # A SIGTERM that came meanwhile ends the exit that follows (atexit, DDP and gloo
-        # teardown: about a second) at once, as it would have without the save.
-        previous(kind, exc, tb)
-        if rt.term_pending:
-            _die_of_sigterm(rt)
-
-    sys.excepthook = hook
-
-
-def _on_sigterm(rt: Runtime) -> None:
-    """The agent stops the survivors of a failed round with SIGTERM, often before their own
-    collective fails (a peer died while they computed): save the last step, then die of it.
-
-    Left alone where the script or its launcher chose what SIGTERM does.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return
-
-    started = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        started.set()
-        if os.getpid() == rt.pid:
-            _hold_sigterm()
-            # A DataLoader's worker dying of the same SIGTERM must not raise in here.
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            if rt.defer_to_boundary():
-                return  # the step goes on to its boundary, which is saved, then this dies
-            try:
-                rt.save_failed_step()
-            except Exception as err:
-                _say(f"saving the last finished step at SIGTERM failed: {err!r}")
-        _die_of_sigterm(rt)
-
-    signal.signal(signal.SIGTERM, handler)
-    _term_watchdog(started)
-
-
-def _die_of_sigterm(rt: Runtime) -> None:
-    """End as SIGTERM's default action would have, once the snapshots being written are."""
-    if os.getpid() == rt.pid:
-        with rt._written:  # this step's own snapshot, or an older one
-            rt._written.wait_for(lambda: not rt.writing, timeout=TERM_WRITE_WAIT_S)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with contextlib.suppress(ValueError):  # not the main thread: exit as the shell reports it
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-    os._exit(128 + signal.SIGTERM)
-
-
-def _term_watchdog(started: threading.Event) -> None:
-    """A Python signal handler runs only when the main thread is back in Python: one blocked
-    in a collective whose peer vanished without a reset would hold the handler (and the round's
-    restart) until the agent's SIGKILL. This thread sees the signal arrive (the wakeup fd) and
-    ends the process as SIGTERM's default would have, unless the handler started meanwhile."""
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    try:
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    except ValueError:
-        os.close(read_fd)
-        os.close(write_fd)
-        return
-
-    def in_child() -> None:  # a forked DataLoader worker's signals are not this process's
-        with contextlib.suppress(ValueError):
-            signal.set_wakeup_fd(-1)
-
-    os.register_at_fork(after_in_child=in_child)
-
-    def watch() -> None:
-        while True:
-            try:
-                got = os.read(read_fd, 64)
-            except OSError:
-                return
-            if signal.SIGTERM in got and not started.wait(TERM_HANDLER_WAIT_S):
-                sys.stderr.flush()
-                os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch, name="lattice-sigterm", daemon=True).start()
-
-
-def _track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
-    original = cls.__init__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        if not any(ref() is self for ref in refs):
-            refs.append(weakref.ref(self))
-
-    cls.__init__ = __init__  # type: ignore[method-assign]
-
-
-def _patch_torch(rt: Runtime) -> None:
-    from torch.optim.optimizer import (
-        register_optimizer_step_post_hook,
-        register_optimizer_step_pre_hook,
-    )
-
-    _track_init(torch.optim.Optimizer, rt.optimizers)
-    _track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
-    _track_init(torch.amp.GradScaler, rt.scalers)
-    _track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
-
-    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        rt.stepping = True
-
-    def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        rt.stepping = False
-        rt.optimizer_steps += 1
-        rt.on_optimizer_step(opt)
-
-    register_optimizer_step_pre_hook(pre_step)
-    register_optimizer_step_post_hook(post_step)
-
-    sched_step = torch.optim.lr_scheduler.LRScheduler.step
-
-    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if rt.suppress_scheduler:
-            return None  # a fast-forwarded epoch: the restored scheduler already holds it
-        return sched_step(self, *args, **kwargs)
-
-    torch.optim.lr_scheduler.LRScheduler.step = step  # type: ignore[method-assign]
-
-    loader_iter = DataLoader.__iter__
-
-    def __iter__(self: DataLoader) -> Any:
-        return rt.loader_iter(self, loader_iter)
-
-    DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
-    data.patch_samplers()
-    _patch_ddp_teardown()
-
-
-DDP_TEARDOWN_YIELD_S = 0.2
-EXIT_YIELD_S = 0.3
-_GROUPS_USED = False  # a process group existed in this process (destroyed or not)
-
-
-def _yield_to_collectives() -> None:
-    """Let gloo's worker threads let go of finished collectives before the interpreter ends.
-
-    A gloo worker thread drops a finished collective's tensors after the caller has returned
-    from waiting on it, and needs the GIL to do so; if the interpreter is finalizing by then,
-    the thread is ended inside C++ and the process aborts ("terminate called without an
-    active exception", exit -6). Seen at the end of FSDP2 scripts on a loaded machine, plain
-    ones included (about 1 run in 50). Sleeping here, the last thing before finalization,
-    leaves the GIL to those threads.
-    """
-    if _GROUPS_USED or _dist() is not None:
-        time.sleep(EXIT_YIELD_S)
-
-
-def _patch_ddp_teardown() -> None:
-    """Keep DDP's teardown from hanging the process at exit (pytorch#56297).
-
-    DDP's Reducer holds the process group. When DDP is freed after ``destroy_process_group()``
-    (typically as the script's ``main()`` returns), the Reducer drops the group's last
-    reference with the GIL held, and gloo's destructor joins its worker threads; one that still
-    has a finished work to drop needs the GIL, and the process hangs for ever (seen at the end
-    of jobs on a loaded machine). The fix: ``destroy_process_group()`` first releases the
-    Reducers of the DDP models on that group, while the group is still registered, so the
-    group's last reference is dropped by torch's own teardown, which releases the GIL. A
-    script that never calls it gets the fallback: yielding the GIL for a moment before a
-    Reducer goes lets the threads drop what they hold.
-    """
-    import torch.distributed as dist
-    from torch.distributed import distributed_c10d
-    from torch.nn.parallel import DistributedDataParallel
-
-    if "__del__" in DistributedDataParallel.__dict__:
-        return
-    models: list[weakref.ref[Any]] = []
-    _track_init(DistributedDataParallel, models)
-
-    def __del__(self: Any) -> None:
-        if "reducer" in self.__dict__:
-            time.sleep(DDP_TEARDOWN_YIELD_S)
-
-    DistributedDataParallel.__del__ = __del__  # type: ignore[attr-defined]
-
-    original = distributed_c10d.destroy_process_group
-
-    def destroy_process_group(group: Any = None) -> None:
-        global _GROUPS_USED
-        _GROUPS_USED = True
-        world = distributed_c10d.GroupMember.WORLD
-        for ref in models:
-            model = ref()
-            if model is None or "reducer" not in model.__dict__:
-                continue
-            if group is None or group is world or getattr(model, "process_group", None) is group:
-                model.__dict__.pop("logger", None)  # holds the Reducer too
-                del model.__dict__["reducer"]
-        original(group)
-
-    destroy_process_group.__doc__ = original.__doc__
-    distributed_c10d.destroy_process_group = destroy_process_group
-    dist.destroy_process_group = destroy_process_group

@@ -21,7 +21,7 @@ BOOTSTRAP = REPO / "src" / "lattice" / "addon" / "_bootstrap"
 DEADLINE_S = 90.0
 # torch's own teardown races (gloo dropping a finished collective while the interpreter
 # finalizes; a DDP reducer kept past destroy_process_group, pytorch#56297) abort a plain run
-# now and then after its work is done; the addon avoids both (runtime._yield_to_collectives,
+# now and then after its work is done; the addon avoids both (patches.yield_to_collectives,
 # the reducer released at destroy), a plain run has no such help.
 TEARDOWN_ABORT = "terminate called without an active exception"
 

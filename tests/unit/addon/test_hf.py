@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lattice.addon import hf, runtime, state
+from lattice.addon import hf, settings, state
 
 
 def test_rng_in_trainer_layout_round_trips_through_trainers_loader(tmp_path: Path) -> None:
@@ -41,4 +41,4 @@ def test_rng_in_trainer_layout_round_trips_through_trainers_loader(tmp_path: Pat
 )
 def test_autopatch_parts(setting: str | None, parts: set[str]) -> None:
     env = {} if setting is None else {"LATTICE_AUTOPATCH": setting}
-    assert runtime.autopatch_parts(env) == parts
+    assert settings.autopatch_parts(env) == parts

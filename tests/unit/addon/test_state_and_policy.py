@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lattice.addon import data, protocol, runtime, service_tier, state
+from lattice.addon import data, policy, protocol, runtime, service_tier, settings, state
 from lattice.common.errors import UserError
 
 
@@ -35,13 +35,13 @@ def test_detached_copy_does_not_alias() -> None:
     ("raw", "parsed"), [(None, ("auto", 0.0)), ("5", ("steps", 5.0)), ("30s", ("seconds", 30.0))]
 )
 def test_parse_every(raw: str | None, parsed: tuple[str, float]) -> None:
-    assert runtime.parse_every(raw) == parsed
+    assert settings.parse_every(raw) == parsed
 
 
 @pytest.mark.parametrize("raw", ["0", "-3", "fast", "0s"])
 def test_parse_every_rejects_nonsense(raw: str) -> None:
     with pytest.raises(UserError, match="LATTICE_CHECKPOINT_EVERY"):
-        runtime.parse_every(raw)
+        settings.parse_every(raw)
 
 
 @pytest.mark.parametrize(("old", "new", "consumed"), [(2, 3, 12), (3, 2, 18), (2, 4, 4), (4, 1, 0)])
@@ -58,9 +58,9 @@ def test_resplit_covers_the_remainder_exactly_once(old: int, new: int, consumed:
 
 
 def test_autopatch_switch() -> None:
-    assert not runtime.autopatch_enabled({})
-    assert not runtime.autopatch_enabled({"LATTICE_JOB": "j", "LATTICE_AUTOPATCH": "none"})
-    assert runtime.autopatch_enabled({"LATTICE_JOB": "j"})
+    assert not settings.autopatch_enabled({})
+    assert not settings.autopatch_enabled({"LATTICE_JOB": "j", "LATTICE_AUTOPATCH": "none"})
+    assert settings.autopatch_enabled({"LATTICE_JOB": "j"})
     assert protocol.SAFEPOINT_EXIT == 83
 
 
@@ -113,7 +113,7 @@ def test_auto_policy_sizes_the_interval_under_the_3_percent_budget(
     """10 ms steps, a 0.5 s write: a checkpoint every ceil(0.5 / (2.5 % of 10 ms)) = 2000 steps
     (aimed at 2.5 %: one checkpoint's cost varies ±20 % around its estimate)."""
     rt, writes = run_auto_policy(tmp_path, monkeypatch, lambda n: 0.5, until=2)
-    assert rt.step == runtime.CALIBRATION_STEPS
+    assert rt.step == policy.CALIBRATION_STEPS
     assert writes == [1, 2] and rt.calibrated
     assert rt.cost_s == pytest.approx(0.5)  # the snapshots themselves took no time here
     assert rt.interval == 2000

@@ -1,0 +1,135 @@
+"""What the addon changes in torch: object tracking, step hooks, the scheduler during a
+fast-forward, DataLoader iteration, and DDP's teardown at exit."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from lattice.addon import collective, data
+
+if TYPE_CHECKING:
+    from lattice.addon.runtime import Runtime
+
+
+def track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
+    original = cls.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if not any(ref() is self for ref in refs):
+            refs.append(weakref.ref(self))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def patch_torch(rt: Runtime) -> None:
+    from torch.optim.optimizer import (
+        register_optimizer_step_post_hook,
+        register_optimizer_step_pre_hook,
+    )
+
+    track_init(torch.optim.Optimizer, rt.optimizers)
+    track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
+    track_init(torch.amp.GradScaler, rt.scalers)
+    track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
+
+    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rt.stepping = True
+
+    def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        rt.stepping = False
+        rt.optimizer_steps += 1
+        rt.on_optimizer_step(opt)
+
+    register_optimizer_step_pre_hook(pre_step)
+    register_optimizer_step_post_hook(post_step)
+
+    sched_step = torch.optim.lr_scheduler.LRScheduler.step
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if rt.suppress_scheduler:
+            return None  # a fast-forwarded epoch: the restored scheduler already holds it
+        return sched_step(self, *args, **kwargs)
+
+    torch.optim.lr_scheduler.LRScheduler.step = step  # type: ignore[method-assign]
+
+    loader_iter = DataLoader.__iter__
+
+    def __iter__(self: DataLoader) -> Any:
+        return rt.loader_iter(self, loader_iter)
+
+    DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
+    data.patch_samplers()
+    patch_ddp_teardown()
+
+
+DDP_TEARDOWN_YIELD_S = 0.2
+EXIT_YIELD_S = 0.3
+_GROUPS_USED = False  # a process group existed in this process (destroyed or not)
+
+
+def yield_to_collectives() -> None:
+    """Let gloo's worker threads let go of finished collectives before the interpreter ends.
+
+    A gloo worker thread drops a finished collective's tensors after the caller has returned
+    from waiting on it, and needs the GIL to do so; if the interpreter is finalizing by then,
+    the thread is ended inside C++ and the process aborts ("terminate called without an
+    active exception", exit -6). Seen at the end of FSDP2 scripts on a loaded machine, plain
+    ones included (about 1 run in 50). Sleeping here, the last thing before finalization,
+    leaves the GIL to those threads.
+    """
+    if _GROUPS_USED or collective.dist() is not None:
+        time.sleep(EXIT_YIELD_S)
+
+
+def patch_ddp_teardown() -> None:
+    """Keep DDP's teardown from hanging the process at exit (pytorch#56297).
+
+    DDP's Reducer holds the process group. When DDP is freed after ``destroy_process_group()``
+    (typically as the script's ``main()`` returns), the Reducer drops the group's last
+    reference with the GIL held, and gloo's destructor joins its worker threads; one that still
+    has a finished work to drop needs the GIL, and the process hangs for ever (seen at the end
+    of jobs on a loaded machine). The fix: ``destroy_process_group()`` first releases the
+    Reducers of the DDP models on that group, while the group is still registered, so the
+    group's last reference is dropped by torch's own teardown, which releases the GIL. A
+    script that never calls it gets the fallback: yielding the GIL for a moment before a
+    Reducer goes lets the threads drop what they hold.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "__del__" in DistributedDataParallel.__dict__:
+        return
+    models: list[weakref.ref[Any]] = []
+    track_init(DistributedDataParallel, models)
+
+    def __del__(self: Any) -> None:
+        if "reducer" in self.__dict__:
+            time.sleep(DDP_TEARDOWN_YIELD_S)
+
+    DistributedDataParallel.__del__ = __del__  # type: ignore[attr-defined]
+
+    original = distributed_c10d.destroy_process_group
+
+    def destroy_process_group(group: Any = None) -> None:
+        global _GROUPS_USED
+        _GROUPS_USED = True
+        world = distributed_c10d.GroupMember.WORLD
+        for ref in models:
+            model = ref()
+            if model is None or "reducer" not in model.__dict__:
+                continue
+            if group is None or group is world or getattr(model, "process_group", None) is group:
+                model.__dict__.pop("logger", None)  # holds the Reducer too
+                del model.__dict__["reducer"]
+        original(group)
+
+    destroy_process_group.__doc__ = original.__doc__
+    distributed_c10d.destroy_process_group = destroy_process_group
+    dist.destroy_process_group = destroy_process_group
