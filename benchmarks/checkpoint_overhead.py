@@ -9,12 +9,11 @@ A shared machine's speed drifts by 5-12 % over the minute an arm takes, more tha
 budget, so each addon arm also measures its checkpoints' cost inside its own run: the steps a
 snapshot and its write touched, against the quiet steps just before them (`accounted`); the
 same arithmetic on the plain arms is the control. The arms run one after another (plain,
-addon, plain, ...), or with ``--interleave S`` together, taking turns of S seconds (the other
-one stopped; `interleaved`). ``--control`` gives the addon arms the addon's environment with
-the addon switched off: the ratio the method reads where the addon does no work.
+addon, plain, ...). ``--control`` gives the addon arms the addon's environment with the addon
+switched off: the ratio the method reads where the addon does no work.
 
     .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--pairs 3] [--steps 2000]
-        [--interleave 2] [--control] [--service] [--device cuda --steps 3000]
+        [--control] [--service] [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
 """
@@ -27,7 +26,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -62,11 +60,6 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
     began: list[float] = []
     taken: list[int] = []
     beside: list[bool] = []
-    if os.environ.get(BUSY_FLAG_ENV):
-        live = _live_runtime()
-        if live is None:
-            raise SystemExit("an interleaved addon arm without the addon active")
-        _BusyFlag(os.environ[BUSY_FLAG_ENV], live)
     for i, (x,) in enumerate(loader):
         if i == warmup:
             from lattice.addon import runtime  # imported before the clock starts, in both arms
@@ -90,7 +83,6 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
         "params": sum(p.numel() for p in model.parameters()),
         "steps_per_s": (steps - warmup) / elapsed,
         "step_s": [b - a for a, b in itertools.pairwise(began)],
-        "began": began,  # perf_counter: CLOCK_MONOTONIC, the same clock in every process
     }
     if rt is not None:
         if rt.step_base:
@@ -117,62 +109,6 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)
-
-
-BUSY_FLAG_ENV = "BENCH_BUSY_FLAG"
-
-
-class _BusyFlag:
-    """One byte in a file, 1 while the addon takes, writes or uploads a snapshot: the
-    interleaving controller lets an addon arm run on until it is 0 before stopping it (see
-    `interleaved`). Set by wrappers around the runtime's snapshot, write and commit (a polling
-    thread would compete for the GIL with training: it cost 10-16 % of the addon arms)."""
-
-    def __init__(self, path: str, rt: Any) -> None:
-        self.fd = os.open(path, os.O_WRONLY)
-        self.rt = rt
-        snapshot, write = rt.snapshot, rt._write
-
-        def snapshot_(*args: Any, **kwargs: Any) -> Any:
-            self.mark(True)
-            return snapshot(*args, **kwargs)
-
-        def write_(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return write(*args, **kwargs)
-            finally:  # this write is still in `writing`; an upload it started is next
-                self.mark(len(rt.writing) > 1 or not rt.queue.empty() or self.uploading())
-
-        rt.snapshot, rt._write = snapshot_, write_
-        if rt.service is not None:
-            put, commit = rt.service.put, rt.service.commit
-
-            def put_(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return put(*args, **kwargs)
-                except BaseException:
-                    self.mark(bool(rt.writing) or not rt.queue.empty())
-                    raise
-
-            def commit_(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return commit(*args, **kwargs)
-                finally:  # the upload that ends here still counts as uploading
-                    self.mark(bool(rt.writing) or rt._upload_next is not None)
-
-            rt.service.put, rt.service.commit = put_, commit_
-
-    def uploading(self) -> bool:
-        return bool(self.rt._uploading or self.rt._upload_next is not None)
-
-    def mark(self, busy: bool) -> None:
-        os.pwrite(self.fd, b"\x01" if busy else b"\x00", 0)
-
-
-def _live_runtime() -> Any:
-    """The addon's runtime if the bootstrap activated it (the addon arm), without importing."""
-    module = sys.modules.get("lattice.addon.runtime")
-    return module.current() if module is not None else None
 
 
 def _in_flight(rt: Any) -> bool:
@@ -327,90 +263,7 @@ def arm(
         raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
     sys.stderr.write(done.stderr)
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    out.pop("began")
     return out
-
-
-def running(slices: list[tuple[float, float]], start: float, end: float) -> float:
-    """How long an arm ran between ``start`` and ``end``: its slices' overlap with them."""
-    return sum(max(0.0, min(end, b) - max(start, a)) for a, b in slices)
-
-
-def on_running_time(out: dict[str, Any], slices: list[tuple[float, float]]) -> dict[str, Any]:
-    """An arm's figures with its stopped time taken out (see `interleaved`)."""
-    began = out["began"]
-    out["step_s"] = [running(slices, a, b) for a, b in itertools.pairwise(began)]
-    out["steps_per_s"] = len(out["step_s"]) / running(slices, began[0], began[-1])
-    out["ran"] = slices
-    out["slices"] = len(slices)
-    return out
-
-
-BUSY_WAIT_S = 120.0  # the longest an addon arm's slice is extended for its write or upload
-
-
-def interleaved(
-    args: argparse.Namespace, tmp: Path, service: Service | None, addon_first: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A plain arm and an addon arm started together, only one of them running at a time:
-    each runs for a slice of ``args.interleave`` seconds, then is stopped (SIGSTOP, all its
-    threads) while the other runs. A shared machine's speed drifts by 5-12 % over the minute
-    an arm takes; slices of a few seconds see the same machine, and each arm's throughput is
-    its steps over the time it ran. An addon arm is stopped only once its snapshot's write (or
-    upload) is done: otherwise the policy would time a write that included the other arm's
-    slice. (plain, addon) figures."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    flag = tmp / "busy"
-    flag.write_bytes(b"\x00")
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    logs: dict[str, tuple[Path, Path]] = {}
-    order = ["addon", "plain"] if addon_first else ["plain", "addon"]
-    for name in order:
-        cmd, env = arm_command(args, name == "addon", tmp / name, service)
-        if name == "addon" and not args.control:
-            env[BUSY_FLAG_ENV] = str(flag)
-        (tmp / name).mkdir(exist_ok=True)
-        out, err = tmp / f"{name}.out", tmp / f"{name}.err"
-        logs[name] = (out, err)
-        with out.open("wb") as fo, err.open("wb") as fe:
-            procs[name] = subprocess.Popen(cmd, env=env, stdout=fo, stderr=fe)
-        procs[name].send_signal(signal.SIGSTOP)
-    slices: dict[str, list[tuple[float, float]]] = {name: [] for name in order}
-    try:
-        for name in itertools.cycle(order):
-            if all(p.poll() is not None for p in procs.values()):
-                break
-            proc = procs[name]
-            if proc.poll() is not None:
-                continue
-            t0 = time.perf_counter()  # before: the arm may run at once, and this wait
-            proc.send_signal(signal.SIGCONT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=args.interleave)
-            if name == "addon":
-                deadline = time.monotonic() + BUSY_WAIT_S
-                while flag.read_bytes() != b"\x00" and proc.poll() is None:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.01)  # polling a flag of the arm's own, bounded
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGSTOP)
-            slices[name].append((t0, time.perf_counter()))
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-            proc.wait()
-    results = {}
-    for name, proc in procs.items():
-        out, err = logs[name]
-        sys.stderr.write(err.read_text(errors="replace"))
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} arm failed:\n{err.read_text(errors='replace')[-3000:]}")
-        raw = json.loads(out.read_text().strip().splitlines()[-1])
-        results[name] = on_running_time(raw, slices[name])
-    return results["plain"], results["addon"]
 
 
 def main() -> None:
@@ -422,14 +275,6 @@ def main() -> None:
     parser.add_argument("--every", default=None, help="LATTICE_CHECKPOINT_EVERY (default: auto)")
     parser.add_argument(
         "--pairs", type=int, default=3, help="addon arms, each between two plain ones (default 3)"
-    )
-    parser.add_argument(
-        "--interleave",
-        type=float,
-        default=0.0,
-        help="seconds each arm of a pair runs before the other one runs, both started together "
-        "(see `interleaved`); 0 (default): the arms run one after another, each addon arm "
-        "between two plain ones",
     )
     parser.add_argument(
         "--control",
@@ -460,27 +305,18 @@ def main() -> None:
         if args.service:
             service = Service(Path(stack.enter_context(tempfile.TemporaryDirectory())))  # disk
             stack.callback(service.close)
-        if args.interleave > 0:
-            pairs = [
-                interleaved(args, Path(d) / f"pair-{i}", service, addon_first=i % 2 == 1)
-                for i in range(args.pairs)
-            ]
-            plains, addons = [p for p, _ in pairs], [a for _, a in pairs]
-            beside = [p["steps_per_s"] for p in plains]
-            around = [[p] for p in plains]
-        else:
-            # plain, addon, plain, ..., plain: each addon arm against the mean of the plain arms
-            # on either side of it (a drift that is linear over the three cancels).
-            plains = [arm(args, addon=False, tmp=Path(d))]
-            addons = []
-            for _ in range(args.pairs):
-                addons.append(arm(args, addon=True, tmp=Path(d), service=service))
-                plains.append(arm(args, addon=False, tmp=Path(d)))
-            beside = [
-                (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2
-                for i in range(len(addons))
-            ]
-            around = [plains[i : i + 2] for i in range(len(addons))]
+        # plain, addon, plain, ..., plain: each addon arm against the mean of the plain arms
+        # on either side of it (a drift that is linear over the three cancels).
+        plains = [arm(args, addon=False, tmp=Path(d))]
+        addons = []
+        for _ in range(args.pairs):
+            addons.append(arm(args, addon=True, tmp=Path(d), service=service))
+            plains.append(arm(args, addon=False, tmp=Path(d)))
+        beside = [
+            (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2
+            for i in range(len(addons))
+        ]
+        around = [plains[i : i + 2] for i in range(len(addons))]
     if args.raw:
         Path(args.raw).write_text(json.dumps({"plains": plains, "addons": addons}))
     ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
@@ -500,7 +336,6 @@ def main() -> None:
         "params": with_addon["params"],
         "steps": args.steps,
         "pairs": args.pairs,
-        "interleave_s": args.interleave,
         "control": args.control,
         "throughput_ratios": [round(r, 4) for r in ratios],
         "steps_per_s_without": round(beside[middle], 3),

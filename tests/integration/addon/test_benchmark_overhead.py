@@ -1,45 +1,28 @@
-"""`benchmarks/checkpoint_overhead.py`'s interleaving: a plain and an addon arm take turns."""
+"""`benchmarks/checkpoint_overhead.py --quick`: the short version of the overhead benchmark."""
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[3]
-STOP_TAKES_S = 0.05  # a stopped arm may begin one more step while SIGSTOP lands
 
 
-def load_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "checkpoint_overhead", REPO / "benchmarks" / "checkpoint_overhead.py"
+def test_quick_run_trains_both_arms_and_times_the_addons_snapshots_and_restore() -> None:
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "checkpoint_overhead.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_arms_take_turns_and_each_is_timed_only_while_it_ran(tmp_path: Path) -> None:
-    bench = load_bench()
-    args = argparse.Namespace(
-        steps=150,
-        warmup=4,
-        width=256,
-        depth=4,
-        batch=64,
-        device="cpu",
-        every="1",
-        interleave=0.3,
-        control=False,
-    )
-    plain, addon = bench.interleaved(args, tmp_path, None, addon_first=True)
-    for arm in (plain, addon):
-        assert arm["slices"] >= 2, arm["slices"]  # it was stopped and went on
-        ran = arm["ran"]
-        for t in arm["began"]:  # no step of an arm began while the other one ran
-            assert any(a <= t <= b + STOP_TAKES_S for a, b in ran), (t, ran)
-        window = arm["began"][-1] - arm["began"][0]
-        assert sum(arm["step_s"]) < window  # its stopped time is not in its steps
-    assert addon["checkpoints_in_window"] > 0 and "checkpoints_in_window" not in plain
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["params"] >= 50_000_000  # the issue's model size
+    assert len(result["throughput_ratios"]) == 1 and result["throughput_ratios"][0] > 0
+    # The addon arm really ran the addon: it calibrated an interval from its own snapshots,
+    # then restored its last checkpoint, as did torch.load from a file of the same state.
+    assert result["interval_steps"] >= 1
+    assert result["stall_s_mean"] > 0 and result["write_s_mean"] > 0
+    assert result["restore_s_addon"] > 0 and result["restore_s_torch_load"] > 0

@@ -83,19 +83,3 @@ def test_a_snapshot_with_too_few_quiet_steps_before_it_is_left_out(bench: Any) -
     no_room = addon_arm(0.1, 20, {5: 2}, stall=0.3, slower=0.05)
     book = bench.accounted(no_room, [{"step_s": [0.1] * 20}])
     assert book["checkpoint_costs_s"] == [] and book["accounted_pct"] is None
-
-
-def test_an_arms_running_time_leaves_out_the_slices_it_was_stopped(bench: Any) -> None:
-    slices = [(0.0, 2.0), (4.0, 6.0), (8.0, 9.0)]  # it ran in these; the other arm in between
-    assert bench.running(slices, 1.0, 8.5) == pytest.approx(1.0 + 2.0 + 0.5)
-    assert bench.running(slices, 2.5, 3.5) == 0.0
-    assert bench.running(slices, -1.0, 10.0) == pytest.approx(5.0)
-
-
-def test_steps_that_spanned_a_stop_count_only_their_running_time(bench: Any) -> None:
-    slices = [(0.0, 1.05), (3.0, 4.0)]
-    # a step every 0.5 s of running time; the third spans the stop from 1.05 to 3.0
-    out = bench.on_running_time({"began": [0.0, 0.5, 1.0, 3.45, 3.95]}, slices)
-    assert out["step_s"] == pytest.approx([0.5, 0.5, 0.5, 0.5])
-    assert out["steps_per_s"] == pytest.approx(2.0)  # not 4 steps over 3.95 s of wall time
-    assert out["slices"] == 2
