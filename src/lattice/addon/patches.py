@@ -40,9 +40,14 @@ def patch_torch(rt: Runtime) -> None:
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True
+        if not rt.restore_done and not rt.loading:
+            rt.restore_at_first_step()
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = False
+        if rt.replaying:
+            rt.replaying = False  # the restored step's replay: not a step of this run
+            return
         rt.optimizer_steps += 1
         rt.on_optimizer_step(opt)
 

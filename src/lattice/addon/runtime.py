@@ -96,6 +96,7 @@ class Runtime:
         self.open_passes: dict[int, data.LoaderTrack] = {}  # id → loaders mid-pass right now
         self.restore_done = False
         self.loading = False  # optimizer steps taken while loading state are not steps
+        self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
@@ -254,7 +255,8 @@ class Runtime:
         for track in self.open_passes.values():
             track.mark_step()
         self.pending = True
-        if not self.loader_driven:
+        if not self.loader_driven:  # the script makes its own batches: this is the boundary
+            self.loops.fetched(sys._getframe(), None)
             self.boundary()
         else:
             self._record_rng()
@@ -824,6 +826,32 @@ class Runtime:
             self.rng_to_restore = None
         self._prune_newer(step)
         say(f"restored step {step} from {origin}")
+
+    def restore_at_first_step(self) -> None:
+        """The first optimizer step came before any DataLoader was iterated: the script draws
+        its own batches (nanoGPT's ``get_batch``), so no batch fetch marks where to restore.
+
+        Restore here, in that step, after its forward and backward, before its update: the
+        step becomes the replay of the checkpoint's. Its gradients are dropped (the update
+        does nothing), it is not counted, the RNG and the script's counters are the
+        checkpoint's; what the script does after ``optimizer.step()`` (a scheduler step, a
+        scaler update, ``step += 1``) runs as it did after the checkpoint's step, which was
+        taken right after that step's update. The restarted run's first batch, drawn before
+        this, is the only one thrown away.
+        """
+        self.restore()
+        if not self.step_base or self.trainer_checkpoint is not None:
+            return
+        for opt in self._alive(self.optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        self.replaying = True
+        if not self.resume_positions:  # no DataLoader in the checkpoint: no pass to resume
+            self.suppress_scheduler = False
+            self.loops.jump = False
+        if self.loops_due:
+            self._apply_loops()
 
     def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:

@@ -169,3 +169,42 @@ def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step
         assert f"node-local pieces of step {newest} are incomplete (old rank 1)" in log
     assert f"restored step {previous if replica_too else newest} " in log
     assert bitwise_equal(params(expected), params(out))
+
+
+@pytest.mark.parametrize(("world", "kill_after"), [(1, 13), (2, 9)])
+def test_a_script_without_a_dataloader_resumes_exactly(
+    launcher: Launcher, world: int, kill_after: int
+) -> None:
+    """nanoGPT's shape: batches drawn from the torch RNG, a counter loop at module level. The
+    first step of the restarted run comes before any DataLoader: the restore happens in its
+    optimizer step, which replays the checkpoint's step (its update dropped, what follows it
+    kept); the run goes on with the uninterrupted run's batches and ends bitwise equal."""
+    script, steps = "train_getbatch.py", 30
+    expected = baseline(launcher, script, world)
+    out = launcher.tmp / "resumed.pt"
+    first = launcher.start(
+        script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
+    )
+    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
+    first.kill()
+    assert not out.exists(), "the first run finished before it was killed"
+    after = launcher.tmp / "after"
+    second = launcher.start(
+        script, world, ZOO_OUT=str(out), ZOO_LOG=str(after), LATTICE_CHECKPOINT_EVERY="1"
+    )
+    assert second.wait() == [0] * world, second.output()
+    found = re.search(r"restored step (\d+)", second.output())
+    assert found, second.output()
+    restored = int(found.group(1))
+    assert kill_after - 3 <= restored < steps
+    assert f"restored the script's counters: iter_num={restored - 1}" in second.output()
+    for rank in range(world):
+        # The restarted run's first batch is drawn before the restore and thrown away with its
+        # step; from then on, the uninterrupted run's batches from the restored step on.
+        resumed = (launcher.tmp / f"after.{rank}").read_text().splitlines()
+        uninterrupted = (launcher.tmp / f"base.{rank}").read_text().splitlines()
+        assert len(uninterrupted) == steps
+        assert resumed[1:] == uninterrupted[restored:]
+    assert bitwise_equal(params(expected), params(out))
+    # The replayed step was not counted: the last checkpoint is the last step's.
+    assert max(int(p.name[5:]) for p in launcher.local_dir(0).glob("step-*")) == steps

@@ -1,0 +1,50 @@
+"""No DataLoader: the script draws its own batches (nanoGPT's ``get_batch``), in a step loop.
+
+``iter_num`` loop at module level, random batch indices from the global torch RNG, dropout,
+AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over gloo when WORLD_SIZE > 1.
+Unmodified: knows nothing about Lattice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from _zoo import IdDataset, log_batch, save_params
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+if world > 1:
+    dist.init_process_group("gloo")
+rank = dist.get_rank() if world > 1 else 0
+torch.manual_seed(0)
+data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+net = DistributedDataParallel(model) if world > 1 else model
+torch.manual_seed(100 + rank)  # each rank draws its own batches
+
+
+def get_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = torch.randint(len(data), (4,))
+    return ids, data.x[ids], data.y[ids]
+
+
+max_iters = int(os.environ.get("ZOO_STEPS", "30"))
+iter_num = 0
+while iter_num < max_iters:
+    ids, x, y = get_batch()
+    log_batch(rank, iter_num, ids)
+    loss = nn.functional.mse_loss(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    iter_num += 1
+if rank == 0:
+    save_params(model)
+if world > 1:
+    dist.destroy_process_group()
