@@ -1,8 +1,9 @@
 """No DataLoader: the script draws its own batches (nanoGPT's ``get_batch``), in a step loop.
 
-``iter_num`` loop at module level, random batch indices from the global torch RNG, dropout,
-AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over gloo when WORLD_SIZE > 1.
-Unmodified: knows nothing about Lattice.
+A ``while iter_num < N`` loop at module level (nanoGPT's), or with ``ZOO_LOOP=range`` a
+``for it in range(N)`` loop (the "let's build GPT" script's), random batch indices from
+the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over
+gloo when WORLD_SIZE > 1. Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def get_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 max_iters = int(os.environ.get("ZOO_STEPS", "30"))
-iter_num = 0
-while iter_num < max_iters:
+
+
+def train_step(iter_num: int) -> None:
     ids, x, y = get_batch()
     log_batch(rank, iter_num, ids)
     loss = nn.functional.mse_loss(net(x), y)
@@ -43,7 +45,16 @@ while iter_num < max_iters:
     loss.backward()
     opt.step()
     sched.step()
-    iter_num += 1
+
+
+if os.environ.get("ZOO_LOOP") == "range":
+    for it in range(max_iters):
+        train_step(it)
+else:
+    iter_num = 0
+    while iter_num < max_iters:
+        train_step(iter_num)
+        iter_num += 1
 if rank == 0:
     save_params(model)
 if world > 1:

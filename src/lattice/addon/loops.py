@@ -27,6 +27,7 @@ import dis
 import functools
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
@@ -181,6 +182,9 @@ class LoopState:
         self.fetches = 0
         self.pass_key: Any = None  # the pass of the latest fetch
         self.resumed: list[str] = []  # range loops resumed, for the log
+        # Called as a ``for … in range(…)`` loop of the main script starts, before it is
+        # resumed: the runtime may restore there (a script without a DataLoader).
+        self.on_loop_start: Callable[[], None] | None = None
 
     def fetched(self, start: FrameType | None, pass_key: Any) -> None:
         """A batch fetch: observed when it is one of the first or one in `EVERY_FETCH`.
@@ -288,6 +292,8 @@ class LoopState:
         name = range_target(frame.f_code, frame.f_lasti)
         if name is None:
             return made
+        if self.on_loop_start is not None:
+            self.on_loop_start()
         key = code_key(frame.f_code)
         self.range_loops.add((key, name))
         value = self.ranges.pop((key, name), None)

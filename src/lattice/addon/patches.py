@@ -37,10 +37,11 @@ def patch_torch(rt: Runtime) -> None:
     track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
     track_init(torch.amp.GradScaler, rt.scalers)
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
+    track_init(DataLoader, rt.made_loaders)
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True
-        if not rt.restore_done and not rt.loading:
+        if (rt.replay_due or not rt.restore_done) and not rt.loading:
             rt.restore_at_first_step()
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

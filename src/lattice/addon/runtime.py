@@ -97,6 +97,9 @@ class Runtime:
         self.restore_done = False
         self.loading = False  # optimizer steps taken while loading state are not steps
         self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
+        self.replay_due = False  # restored without a DataLoader: the next step is the replay
+        self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
+        self.made_loaders: list[weakref.ref[Any]] = []  # every DataLoader constructed
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
@@ -820,38 +823,58 @@ class Runtime:
             # checkpoint's. Scheduler calls made before that pass are in the restored state.
             self.suppress_scheduler = True
         self.loops_due = not training
-        self.rng_to_restore = got["rng"]
+        self.rng_to_restore = self.replay_rng = got["rng"]
         if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
             self.rng_to_restore = None
         self._prune_newer(step)
         say(f"restored step {step} from {origin}")
 
-    def restore_at_first_step(self) -> None:
-        """The first optimizer step came before any DataLoader was iterated: the script draws
-        its own batches (nanoGPT's ``get_batch``), so no batch fetch marks where to restore.
-
-        Restore here, in that step, after its forward and backward, before its update: the
-        step becomes the replay of the checkpoint's. Its gradients are dropped (the update
-        does nothing), it is not counted, the RNG and the script's counters are the
-        checkpoint's; what the script does after ``optimizer.step()`` (a scheduler step, a
-        scaler update, ``step += 1``) runs as it did after the checkpoint's step, which was
-        taken right after that step's update. The restarted run's first batch, drawn before
-        this, is the only one thrown away.
-        """
-        self.restore()
-        if not self.step_base or self.trainer_checkpoint is not None:
+    def restore_at_loop_start(self) -> None:
+        """A ``for … in range(…)`` loop of the main script starts, an optimizer exists and no
+        DataLoader does: the script draws its own batches. Restore now, so that this ``range``
+        call resumes the loop at the checkpoint's iteration (`loops.LoopState.resume_range`);
+        that iteration's optimizer step is the replay (`restore_at_first_step`)."""
+        if self.restore_done or self.trainer is not None or self.loading:
             return
+        if self._alive(self.optimizers) and not self._alive(self.made_loaders):
+            self._restore_for_replay()
+
+    def restore_at_first_step(self) -> None:
+        """In the first optimizer step, for a script that iterated no DataLoader before it.
+
+        Such a script draws its own batches (nanoGPT's ``get_batch``): no batch fetch marks a
+        step's end, so its checkpoints are taken right after an update (the optimizer hook),
+        and no fetch marks where to restore. Restore here (unless a ``range`` loop's start did
+        already), after this step's forward and backward, before its update: the step becomes
+        the replay of the checkpoint's. Its gradients are dropped (the update does nothing),
+        it is not counted, the RNG and the script's counters are set to the checkpoint's;
+        what the script does after ``optimizer.step()`` (a scheduler step, a scaler update,
+        ``step += 1``) then runs as it did after the checkpoint's step. The restarted run's
+        first batch, drawn before this, is the only one thrown away.
+        """
+        if not self.restore_done:
+            self._restore_for_replay()
+        if not self.replay_due:
+            return
+        self.replay_due = False
         for opt in self._alive(self.optimizers):
             for group in opt.param_groups:
                 for p in group["params"]:
                     p.grad = None
         self.replaying = True
-        if not self.resume_positions:  # no DataLoader in the checkpoint: no pass to resume
-            self.suppress_scheduler = False
-            self.loops.jump = False
+        if not self.resume_positions and self.replay_rng is not None:
+            state.restore_rng(self.replay_rng)  # again, if a loop's start restored it
         if self.loops_due:
             self._apply_loops()
+
+    def _restore_for_replay(self) -> None:
+        self.restore()
+        if not self.step_base or self.trainer_checkpoint is not None:
+            return
+        self.replay_due = True
+        if not self.resume_positions:  # no DataLoader in the checkpoint: no pass to resume
+            self.suppress_scheduler = False
 
     def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:
@@ -1213,6 +1236,7 @@ def activate() -> Runtime | None:
     patches.patch_torch(rt)
     main = sys.modules.get("__main__")
     if main is not None:
+        rt.loops.on_loop_start = rt.restore_at_loop_start
         loops.install_range(main.__dict__, rt.loops)
     if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)

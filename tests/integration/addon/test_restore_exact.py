@@ -27,11 +27,16 @@ CASES = [
 ]
 
 
-def baseline(launcher: Launcher, script: str, world: int) -> Path:
+def baseline(launcher: Launcher, script: str, world: int, **extra: str) -> Path:
     """The uninterrupted run, without Lattice: its final parameters."""
     out = launcher.tmp / "baseline.pt"
     run = launcher.start(
-        script, world, lattice=False, ZOO_OUT=str(out), ZOO_LOG=str(launcher.tmp / "base")
+        script,
+        world,
+        lattice=False,
+        ZOO_OUT=str(out),
+        ZOO_LOG=str(launcher.tmp / "base"),
+        **extra,
     )
     codes = run.wait()
     torn = all(code in (0, -6) for code in codes) and TEARDOWN_ABORT in run.output()
@@ -171,36 +176,39 @@ def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step
     assert bitwise_equal(params(expected), params(out))
 
 
-@pytest.mark.parametrize(("world", "kill_after"), [(1, 13), (2, 9)])
+@pytest.mark.parametrize(
+    ("loop", "world", "kill_after"), [("while", 1, 13), ("while", 2, 9), ("range", 1, 17)]
+)
 def test_a_script_without_a_dataloader_resumes_exactly(
-    launcher: Launcher, world: int, kill_after: int
+    launcher: Launcher, loop: str, world: int, kill_after: int
 ) -> None:
-    """nanoGPT's shape: batches drawn from the torch RNG, a counter loop at module level. The
-    first step of the restarted run comes before any DataLoader: the restore happens in its
-    optimizer step, which replays the checkpoint's step (its update dropped, what follows it
+    """nanoGPT's shape: batches drawn from the torch RNG, a ``while`` counter loop at module
+    level (or a ``for … in range`` loop). No DataLoader comes before the restarted run's first
+    step: the restore happens in that optimizer step (or as the ``range`` loop starts, which it
+    then resumes), and the step replays the checkpoint's (its update dropped, what follows it
     kept); the run goes on with the uninterrupted run's batches and ends bitwise equal."""
     script, steps = "train_getbatch.py", 30
-    expected = baseline(launcher, script, world)
+    expected = baseline(launcher, script, world, ZOO_LOOP=loop)
     out = launcher.tmp / "resumed.pt"
-    first = launcher.start(
-        script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
-    )
+    env = {"ZOO_OUT": str(out), "ZOO_LOOP": loop, "LATTICE_CHECKPOINT_EVERY": "1"}
+    first = launcher.start(script, world, ZOO_STEP_SLEEP="0.1", **env)
     poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
     first.kill()
     assert not out.exists(), "the first run finished before it was killed"
-    after = launcher.tmp / "after"
-    second = launcher.start(
-        script, world, ZOO_OUT=str(out), ZOO_LOG=str(after), LATTICE_CHECKPOINT_EVERY="1"
-    )
+    second = launcher.start(script, world, ZOO_LOG=str(launcher.tmp / "after"), **env)
     assert second.wait() == [0] * world, second.output()
     found = re.search(r"restored step (\d+)", second.output())
     assert found, second.output()
     restored = int(found.group(1))
     assert kill_after - 3 <= restored < steps
-    assert f"restored the script's counters: iter_num={restored - 1}" in second.output()
+    counters = re.search(r"restored the script's counters: (.*)", second.output())
+    assert counters, second.output()
+    # set back to the checkpoint step's values (the range loop's resumed at that iteration)
+    assert f"iter_num={restored - 1}" in counters.group(1).split(", ")
+    assert loop != "range" or f"it={restored - 1}" in counters.group(1).split(", ")
     for rank in range(world):
-        # The restarted run's first batch is drawn before the restore and thrown away with its
-        # step; from then on, the uninterrupted run's batches from the restored step on.
+        # The restarted run's first batch is thrown away with the replayed step; then come the
+        # uninterrupted run's batches from the restored step on, and no more.
         resumed = (launcher.tmp / f"after.{rank}").read_text().splitlines()
         uninterrupted = (launcher.tmp / f"base.{rank}").read_text().splitlines()
         assert len(uninterrupted) == steps
