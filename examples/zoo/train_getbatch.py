@@ -3,7 +3,8 @@
 A ``while iter_num < N`` loop at module level (nanoGPT's), or with ``ZOO_LOOP=range`` a
 ``for it in range(N)`` loop (the "let's build GPT" script's), random batch indices from
 the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over
-gloo when WORLD_SIZE > 1. Unmodified: knows nothing about Lattice.
+gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps.
+Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from _zoo import IdDataset, log_batch, save_params
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
 if world > 1:
@@ -37,6 +39,10 @@ def get_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 max_iters = int(os.environ.get("ZOO_STEPS", "30"))
 
 
+eval_every = int(os.environ.get("ZOO_EVAL_EVERY", "0"))
+val = DataLoader(IdDataset(8), batch_size=4) if eval_every else []  # an evaluation loader
+
+
 def train_step(iter_num: int) -> None:
     ids, x, y = get_batch()
     log_batch(rank, iter_num, ids)
@@ -45,6 +51,10 @@ def train_step(iter_num: int) -> None:
     loss.backward()
     opt.step()
     sched.step()
+    if eval_every and (iter_num + 1) % eval_every == 0:
+        with torch.no_grad():
+            for _, vx, vy in val:
+                nn.functional.mse_loss(model(vx), vy)
 
 
 if os.environ.get("ZOO_LOOP") == "range":

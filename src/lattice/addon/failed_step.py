@@ -57,6 +57,11 @@ class Boundary:
     schedulers: list[int] = field(default_factory=list)  # each scheduler's last_epoch
     versions: list[int] = field(default_factory=list)  # see `versions`
     optimizer_steps: int = 0  # steps taken by all optimizers, the first one's included
+    # Kept at an optimizer-hook boundary (a script without a DataLoader: the boundary is right
+    # after the update, before the script's scheduler step and scaler update), with the
+    # schedulers' and scalers' states as they were then, saved in place of their live ones.
+    after_update: bool = False
+    states: dict[str, Any] = field(default_factory=dict)
 
 
 def versions(averaged: list[torch.nn.Module], scalers: list[Any]) -> list[int]:

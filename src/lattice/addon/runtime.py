@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import copy
 import gc
 import logging
 import os
@@ -50,6 +51,9 @@ from lattice.addon.protocol import say
 log = logging.getLogger("lattice.addon")
 
 KEEP = 2
+# A checkpoint's key: taken at the optimizer hook, right after an update (no DataLoader pass
+# open), so a restore without a DataLoader replays its step (`restore_at_first_step`).
+AFTER_UPDATE = "after_update"
 CONTROL_POLL_S = 0.05
 WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
 
@@ -92,12 +96,12 @@ class Runtime:
         self.settled = False  # calibration: the first snapshots' writes have been waited for
         self.calibrated = False
         self.pending = False
-        self.loader_driven = False
         self.open_passes: dict[int, data.LoaderTrack] = {}  # id → loaders mid-pass right now
         self.restore_done = False
         self.loading = False  # optimizer steps taken while loading state are not steps
         self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
+        self.restored_after_update = False  # the restored checkpoint was taken at the hook
         self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
         self.made_loaders: list[weakref.ref[Any]] = []  # every DataLoader constructed
         self.suppress_scheduler = False
@@ -258,7 +262,7 @@ class Runtime:
         for track in self.open_passes.values():
             track.mark_step()
         self.pending = True
-        if not self.loader_driven:  # the script makes its own batches: this is the boundary
+        if not self.open_passes:  # the script made this batch itself: this is the boundary
             self.loops.fetched(sys._getframe(), None)
             self.boundary()
         else:
@@ -334,8 +338,6 @@ class Runtime:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
         if self.keep_off or self.registered:
             return False  # state the addon cannot vouch for (a registered object's)
-        if self.trainer is None and not self.loader_driven:
-            return False  # the boundary is neither a batch fetch nor Trainer's step end
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -396,19 +398,38 @@ class Runtime:
             self._write_rng(blob, exact=True)
         self.rng_settled = after_step is not None and not self.rng_drifts
         self.buffer_copies.keep(failed_step.buffers(self.models()))
+        after_update = self._after_update()
+        states = {}
+        if after_update:  # what the script steps after the update changes these: copy them
+            for name, obj in self.objects().items():
+                if name.startswith(("scheduler.", "scaler.")):
+                    states[name] = copy.deepcopy(obj.state_dict())
         self.kept = failed_step.Boundary(
             step=self.step,
             generation=self.generation,
             world=self.world(),
             positions=[tr.position(ld) for ld, tr in self.tracks()],
             loops=self.loops.capture(sys._getframe()),
-            schedulers=[s.last_epoch for s in self._alive(self.schedulers)],
-            versions=self._versions(),
+            schedulers=self._scheduler_steps(after_update),
+            versions=self._versions(after_update),
             optimizer_steps=self.optimizer_steps,
+            after_update=after_update,
+            states=states,
         )
 
-    def _versions(self) -> list[int]:
-        return failed_step.versions(self._alive(self.averaged), self._alive(self.scalers))
+    def _after_update(self) -> bool:
+        """Whether the boundary is the optimizer hook: no DataLoader pass was open during the
+        step (the script made its batch itself), and no Trainer."""
+        return self.trainer is None and not self.open_passes
+
+    def _scheduler_steps(self, after_update: bool) -> list[int]:
+        """The schedulers' positions, which must not move between a boundary and its save
+        (after an update, their kept states are saved instead: nothing to compare)."""
+        return [] if after_update else [s.last_epoch for s in self._alive(self.schedulers)]
+
+    def _versions(self, after_update: bool = False) -> list[int]:
+        scalers = [] if after_update else self._alive(self.scalers)
+        return failed_step.versions(self._alive(self.averaged), scalers)
 
     def _keep_share(self, step_s: float) -> float:
         """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
@@ -437,8 +458,8 @@ class Runtime:
             return
         if self.stepping or self.in_boundary or kept.optimizer_steps != self.optimizer_steps:
             return  # a step or a boundary was cut in half
-        if kept.schedulers != [s.last_epoch for s in self._alive(self.schedulers)] or (
-            kept.versions != self._versions()
+        if kept.schedulers != self._scheduler_steps(kept.after_update) or (
+            kept.versions != self._versions(kept.after_update)
         ):
             say(f"step {kept.step} not saved after the failure: state changed since its end")
             return
@@ -464,7 +485,9 @@ class Runtime:
             failed_step.KEY: True,
         }
         for name, obj in self.objects().items():
-            if isinstance(obj, nn.Module):
+            if name in kept.states:
+                replicated[name] = kept.states[name]  # as the boundary left them
+            elif isinstance(obj, nn.Module):
                 live = obj.state_dict(keep_vars=True)
                 for key, value in live.items():  # the buffers as the boundary left them
                     live[key] = copies.get(id(value), value)
@@ -473,6 +496,7 @@ class Runtime:
                 replicated[name] = state.detached_copy(obj.state_dict())
         replicated["loaders"] = [p.to_state() for p in kept.positions]
         replicated["loops"] = kept.loops
+        replicated[AFTER_UPDATE] = kept.after_update
         local_tier.mark_round(folder, kept.generation)
         local_tier.save(folder / "state.pt", replicated)
         say(
@@ -591,6 +615,7 @@ class Runtime:
                 replicated[sharded.KEY] = {"names": sorted(local[0]), "world": self.world()}
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
+            replicated[AFTER_UPDATE] = self._after_update()
             files["state"] = replicated
         if local is not None:
             files[sharded.shard_name(self.rank(), self.world())] = local[1]
@@ -790,6 +815,7 @@ class Runtime:
             return
         replicated = got["state"]
         self.step = self.step_base = step
+        self.restored_after_update = bool(replicated.get(AFTER_UPDATE))
         if hf.STATE_KEY in replicated:
             # Taken inside Trainer.train(): Trainer loads it itself when train() starts (hf.py).
             self.trainer_checkpoint = got
@@ -823,10 +849,10 @@ class Runtime:
             # checkpoint's. Scheduler calls made before that pass are in the restored state.
             self.suppress_scheduler = True
         self.loops_due = not training
-        self.rng_to_restore = self.replay_rng = got["rng"]
+        self.rng_to_restore, self.replay_rng = got["rng"], None
         if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
-            self.rng_to_restore = None
+            self.rng_to_restore, self.replay_rng = None, got["rng"]
         self._prune_newer(step)
         say(f"restored step {step} from {origin}")
 
@@ -863,18 +889,18 @@ class Runtime:
                 for p in group["params"]:
                     p.grad = None
         self.replaying = True
-        if not self.resume_positions and self.replay_rng is not None:
-            state.restore_rng(self.replay_rng)  # again, if a loop's start restored it
+        if self.replay_rng is not None:  # set at the restore: again, if a loop's start did it
+            state.restore_rng(self.replay_rng)
         if self.loops_due:
             self._apply_loops()
 
     def _restore_for_replay(self) -> None:
         self.restore()
-        if not self.step_base or self.trainer_checkpoint is not None:
-            return
+        if not self.restored_after_update:
+            return  # nothing restored, or a checkpoint taken at a batch fetch: no replay
         self.replay_due = True
-        if not self.resume_positions:  # no DataLoader in the checkpoint: no pass to resume
-            self.suppress_scheduler = False
+        if not any(p.had_steps(p.pass_index) for p in self.resume_positions):
+            self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume
 
     def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:
@@ -1206,7 +1232,6 @@ class Runtime:
                     track.done = True
                     return
                 track.yielded += 1
-                self.loader_driven = True
                 yield batch
         finally:  # exhausted, or the loop let go of it (break, a peek with next())
             if self.open_passes.get(id(track)) is track:

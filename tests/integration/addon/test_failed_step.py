@@ -64,6 +64,7 @@ def restart(launcher: Launcher, script: str) -> str:
         ("train_accum.py", 2),
         ("train_after_step.py", 1),  # BatchNorm: the failed step's forward moved its buffers
         ("train_trainer.py", 1),  # transformers.Trainer (its log: one line per step's end)
+        ("train_getbatch.py", 1),  # no DataLoader: the boundary is right after the update
     ],
 )
 def test_kill_minus_nine_loses_only_the_step_in_flight(

@@ -177,10 +177,17 @@ def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step
 
 
 @pytest.mark.parametrize(
-    ("loop", "world", "kill_after"), [("while", 1, 13), ("while", 2, 9), ("range", 1, 17)]
+    ("loop", "world", "kill_after", "eval_every"),
+    [
+        ("while", 1, 13, "0"),
+        ("while", 2, 9, "0"),
+        ("range", 1, 17, "0"),
+        # a validation DataLoader after steps 10, 20, 30: the steps still checkpoint each
+        ("while", 1, 17, "10"),
+    ],
 )
 def test_a_script_without_a_dataloader_resumes_exactly(
-    launcher: Launcher, loop: str, world: int, kill_after: int
+    launcher: Launcher, loop: str, world: int, kill_after: int, eval_every: str
 ) -> None:
     """nanoGPT's shape: batches drawn from the torch RNG, a ``while`` counter loop at module
     level (or a ``for … in range`` loop). No DataLoader comes before the restarted run's first
@@ -188,9 +195,14 @@ def test_a_script_without_a_dataloader_resumes_exactly(
     then resumes), and the step replays the checkpoint's (its update dropped, what follows it
     kept); the run goes on with the uninterrupted run's batches and ends bitwise equal."""
     script, steps = "train_getbatch.py", 30
-    expected = baseline(launcher, script, world, ZOO_LOOP=loop)
+    expected = baseline(launcher, script, world, ZOO_LOOP=loop, ZOO_EVAL_EVERY=eval_every)
     out = launcher.tmp / "resumed.pt"
-    env = {"ZOO_OUT": str(out), "ZOO_LOOP": loop, "LATTICE_CHECKPOINT_EVERY": "1"}
+    env = {
+        "ZOO_OUT": str(out),
+        "ZOO_LOOP": loop,
+        "ZOO_EVAL_EVERY": eval_every,
+        "LATTICE_CHECKPOINT_EVERY": "1",
+    }
     first = launcher.start(script, world, ZOO_STEP_SLEEP="0.1", **env)
     poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
     first.kill()
