@@ -22,6 +22,10 @@ def main() -> None:
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
     loader = DataLoader(data, batch_size=4, shuffle=True)
     steps = int(os.environ.get("ZOO_STEPS", "30"))
+    if os.environ.get("ZOO_WARMUP_STEP"):  # one optimizer step on a dummy batch first
+        model(torch.ones(4, 8)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
     step = 0
     while step < steps:
         for ids, x, y in loader:

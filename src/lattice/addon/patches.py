@@ -41,7 +41,7 @@ def patch_torch(rt: Runtime) -> None:
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True
-        if (rt.replay_due or not rt.restore_done) and not rt.loading:
+        if (rt.replay_due or not (rt.restore_done or rt.replay_tried)) and not rt.loading:
             rt.restore_at_first_step()
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

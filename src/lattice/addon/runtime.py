@@ -102,6 +102,7 @@ class Runtime:
         self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
         self.restored_after_update = False  # the restored checkpoint was taken at the hook
+        self.replay_tried = False  # a replay restore was tried (it is, once)
         self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
         self.made_loaders: list[weakref.ref[Any]] = []  # every DataLoader constructed
         self.suppress_scheduler = False
@@ -796,8 +797,13 @@ class Runtime:
         rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
 
-    def restore(self) -> None:
-        """Load the newest checkpoint every rank has, once, before the first batch."""
+    def restore(self, after_update_only: bool = False) -> None:
+        """Load the newest checkpoint every rank has, once, before the first batch.
+
+        ``after_update_only`` (a replay, `restore_at_first_step`): only a checkpoint taken
+        right after an update; one taken at a batch fetch is left for the first DataLoader
+        pass, where it belongs.
+        """
         self.restore_done = True
         dist = collective.dist()
         remote = self._service_step(dist)  # (round, step) of the service's newest
@@ -814,6 +820,9 @@ class Runtime:
         else:
             return
         replicated = got["state"]
+        if after_update_only and not replicated.get(AFTER_UPDATE):
+            self.restore_done = False
+            return
         self.step = self.step_base = step
         self.restored_after_update = bool(replicated.get(AFTER_UPDATE))
         if hf.STATE_KEY in replicated:
@@ -861,7 +870,7 @@ class Runtime:
         DataLoader does: the script draws its own batches. Restore now, so that this ``range``
         call resumes the loop at the checkpoint's iteration (`loops.LoopState.resume_range`);
         that iteration's optimizer step is the replay (`restore_at_first_step`)."""
-        if self.restore_done or self.trainer is not None or self.loading:
+        if self.restore_done or self.replay_tried or self.trainer is not None or self.loading:
             return
         if self._alive(self.optimizers) and not self._alive(self.made_loaders):
             self._restore_for_replay()
@@ -879,7 +888,7 @@ class Runtime:
         ``step += 1``) then runs as it did after the checkpoint's step. The restarted run's
         first batch, drawn before this, is the only one thrown away.
         """
-        if not self.restore_done:
+        if not (self.restore_done or self.replay_tried):
             self._restore_for_replay()
         if not self.replay_due:
             return
@@ -895,9 +904,10 @@ class Runtime:
             self._apply_loops()
 
     def _restore_for_replay(self) -> None:
-        self.restore()
+        self.replay_tried = True
+        self.restore(after_update_only=True)
         if not self.restored_after_update:
-            return  # nothing restored, or a checkpoint taken at a batch fetch: no replay
+            return  # nothing restored
         self.replay_due = True
         if not any(p.had_steps(p.pass_index) for p in self.resume_positions):
             self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume

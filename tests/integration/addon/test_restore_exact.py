@@ -12,18 +12,20 @@ from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
 from .harness import TEARDOWN_ABORT, Launcher, bitwise_equal, id_lines, params, poll
 
-# script, world size, batches logged (by rank 0) before the kill
+# script, world size, batches logged (by rank 0) before the kill, environment
 CASES = [
-    ("train_epochs.py", 2, 8),  # epoch loop, set_epoch, per-epoch scheduler
-    ("train_accum.py", 2, 11),  # per-step scheduler, dropout, accumulation (odd → mid-window)
-    ("train_workers.py", 1, 17),  # num_workers=2, RandomSampler
-    ("train_amp.py", 1, 13),  # autocast float16 + GradScaler("cpu") with skipped steps
-    ("train_ema.py", 1, 15),  # AveragedModel EMA updated every step (not in the optimizer)
-    ("train_eval.py", 1, 17),  # a validation DataLoader every epoch, metric = sum / count
-    ("train_trainer.py", 1, 11),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
-    ("train_trainer.py", 1, 9),  # … restored at the end of an epoch (8 steps per epoch)
-    ("train_trainer.py", 2, 7),  # … two processes (DDP over gloo), 4 steps per epoch
-    ("train_fsdp.py", 2, 9),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
+    ("train_epochs.py", 2, 8, {}),  # epoch loop, set_epoch, per-epoch scheduler
+    ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
+    ("train_workers.py", 1, 17, {}),  # num_workers=2, RandomSampler
+    ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
+    ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
+    ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count
+    ("train_trainer.py", 1, 11, {}),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
+    ("train_trainer.py", 1, 9, {}),  # … restored at the end of an epoch (8 steps per epoch)
+    ("train_trainer.py", 2, 7, {}),  # … two processes (DDP over gloo), 4 steps per epoch
+    ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
+    # an optimizer step on a dummy batch before the loader loop: not the checkpoint's replay
+    ("train_steps.py", 1, 15, {"ZOO_WARMUP_STEP": "1"}),
 ]
 
 
@@ -44,19 +46,24 @@ def baseline(launcher: Launcher, script: str, world: int, **extra: str) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("script", "world", "kill_after"), CASES)
+@pytest.mark.parametrize(("script", "world", "kill_after", "env"), CASES)
 def test_kill_and_restart_is_bitwise_exact(
-    launcher: Launcher, script: str, world: int, kill_after: int
+    launcher: Launcher, script: str, world: int, kill_after: int, env: dict[str, str]
 ) -> None:
-    expected = baseline(launcher, script, world)
+    expected = baseline(launcher, script, world, **env)
     out = launcher.tmp / "resumed.pt"
     first = launcher.start(
-        script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
+        script,
+        world,
+        ZOO_OUT=str(out),
+        LATTICE_CHECKPOINT_EVERY="1",
+        ZOO_STEP_SLEEP="0.1",
+        **env,
     )
     poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
     first.kill()
     assert not out.exists(), "the first run finished before it was killed"
-    second = launcher.start(script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1")
+    second = launcher.start(script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", **env)
     assert second.wait() == [0] * world, second.output()
     assert "restored step" in second.output()
     assert bitwise_equal(params(expected), params(out))
