@@ -262,8 +262,7 @@ def arm(
     if done.returncode != 0:
         raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
     sys.stderr.write(done.stderr)
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -101,7 +101,6 @@ class Runtime:
         self.loading = False  # optimizer steps taken while loading state are not steps
         self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
-        self.restored_after_update = False  # the restored checkpoint was taken at the hook
         self.replay_tried = False  # a replay restore was tried (it is, once)
         self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
         self.made_loaders: list[weakref.ref[Any]] = []  # every DataLoader constructed
@@ -428,7 +427,7 @@ class Runtime:
         (after an update, their kept states are saved instead: nothing to compare)."""
         return [] if after_update else [s.last_epoch for s in self._alive(self.schedulers)]
 
-    def _versions(self, after_update: bool = False) -> list[int]:
+    def _versions(self, after_update: bool) -> list[int]:
         scalers = [] if after_update else self._alive(self.scalers)
         return failed_step.versions(self._alive(self.averaged), scalers)
 
@@ -797,8 +796,9 @@ class Runtime:
         rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
 
-    def restore(self, after_update_only: bool = False) -> None:
-        """Load the newest checkpoint every rank has, once, before the first batch.
+    def restore(self, after_update_only: bool = False) -> bool:
+        """Load the newest checkpoint every rank has, once, before the first batch (True if
+        one was).
 
         ``after_update_only`` (a replay, `restore_at_first_step`): only a checkpoint taken
         right after an update; one taken at a batch fetch is left for the first DataLoader
@@ -811,26 +811,25 @@ class Runtime:
         if remote is not None and step is None:  # nothing local as new as the service's
             got = self._download(dist)
             if got is None:
-                return
+                return False
             step = int(got["state"]["step"])
             origin = "the checkpoint service"
         elif step is not None and local is not None:
             got = local
             origin = str(local_tier.step_dir(self.root, step))
         else:
-            return
+            return False
         replicated = got["state"]
         if after_update_only and not replicated.get(AFTER_UPDATE):
             self.restore_done = False
-            return
+            return False
         self.step = self.step_base = step
-        self.restored_after_update = bool(replicated.get(AFTER_UPDATE))
         if hf.STATE_KEY in replicated:
             # Taken inside Trainer.train(): Trainer loads it itself when train() starts (hf.py).
             self.trainer_checkpoint = got
             self._prune_newer(step)
             say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
-            return
+            return True
         objects = self.objects()
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
         try:
@@ -864,6 +863,7 @@ class Runtime:
             self.rng_to_restore, self.replay_rng = None, got["rng"]
         self._prune_newer(step)
         say(f"restored step {step} from {origin}")
+        return True
 
     def restore_at_loop_start(self) -> None:
         """A ``for … in range(…)`` loop of the main script starts, an optimizer exists and no
@@ -905,9 +905,8 @@ class Runtime:
 
     def _restore_for_replay(self) -> None:
         self.replay_tried = True
-        self.restore(after_update_only=True)
-        if not self.restored_after_update:
-            return  # nothing restored
+        if not self.restore(after_update_only=True):
+            return  # nothing restored, or a checkpoint for the first DataLoader pass
         self.replay_due = True
         if not any(p.had_steps(p.pass_index) for p in self.resume_positions):
             self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume
