@@ -1,7 +1,8 @@
 """No DataLoader: the script draws its own batches (nanoGPT's ``get_batch``), in a step loop.
 
-A ``while iter_num < N`` loop at module level (nanoGPT's), or with ``ZOO_LOOP=range`` a
-``for it in range(N)`` loop (the "let's build GPT" script's), random batch indices from
+A ``while iter_num < N`` loop at module level, with ``ZOO_LOOP=range`` a ``for it in range(N)``
+loop (the "let's build GPT" script's), with ``ZOO_LOOP=prefetch`` nanoGPT's own loop (the next
+batch drawn right after the forward, into module globals), random batch indices from
 the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over
 gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps.
 Unmodified: knows nothing about Lattice.
@@ -57,9 +58,24 @@ def train_step(iter_num: int) -> None:
                 nn.functional.mse_loss(model(vx), vy)
 
 
-if os.environ.get("ZOO_LOOP") == "range":
+loop = os.environ.get("ZOO_LOOP", "while")
+if loop == "range":
     for it in range(max_iters):
         train_step(it)
+elif loop == "prefetch":  # nanoGPT's own loop: the next batch is drawn inside this step
+    iter_num = 0
+    ids, x, y = get_batch()
+    while True:
+        log_batch(rank, iter_num, ids)
+        loss = nn.functional.mse_loss(net(x), y)
+        ids, x, y = get_batch()  # right after the forward, as nanoGPT does
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        iter_num += 1
+        if iter_num >= max_iters:
+            break
 else:
     iter_num = 0
     while iter_num < max_iters:

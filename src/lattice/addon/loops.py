@@ -159,7 +159,7 @@ def _ints(frame: FrameType) -> dict[str, int]:
     return {k: v for k, v in frame.f_locals.items() if type(v) is int}
 
 
-def set_local(frame: FrameType, name: str, value: int) -> None:
+def set_local(frame: FrameType, name: str, value: Any) -> None:
     """Assign a local of a running frame (a module frame's locals are its globals)."""
     frame.f_locals[name] = value
     if sys.version_info < (3, 13) and frame.f_code.co_flags & 0x01:  # CO_OPTIMIZED: a function

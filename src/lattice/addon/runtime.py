@@ -40,6 +40,7 @@ from lattice.addon import (
     policy,
     protocol,
     replica,
+    script_tensors,
     service_tier,
     settings,
     sharded,
@@ -108,6 +109,8 @@ class Runtime:
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
         self.loops = loops.LoopState()  # the script's step counters and range loops
+        self.tensors = script_tensors.ScriptTensors()  # the script's batches (nanoGPT's X, Y)
+        self.replay_tensors: list[dict[str, Any]] = []  # restored, set at the replay
         self.loops_due = False  # restored counters to set at the next batch fetch
         self.force = False
         self.last_control = 0.0
@@ -264,6 +267,7 @@ class Runtime:
         self.pending = True
         if not self.open_passes:  # the script made this batch itself: this is the boundary
             self.loops.fetched(sys._getframe(), None)
+            self.tensors.stepped(sys._getframe())
             self.boundary()
         else:
             self._record_rng()
@@ -588,7 +592,14 @@ class Runtime:
         # Every rank's RNG goes into each node's state file: a node whose processes get other
         # ranks in the next round (a node before it left) still restores from its own tier.
         # With pieces to upload, the ranks' upload reports travel along (see `_coordinate`).
-        mine = (state.capture_rng(), *self._upload_report(local is not None), self._proposal())
+        after_update = self._after_update()
+        tensors = self._script_tensors() if after_update else []
+        mine = (
+            state.capture_rng(),
+            *self._upload_report(local is not None),
+            self._proposal(),
+            tensors,
+        )
         dist = collective.dist()
         gathered = collective.everyone(dist, mine)
         rngs = [g[0] for g in gathered]
@@ -615,7 +626,9 @@ class Runtime:
                 replicated[sharded.KEY] = {"names": sorted(local[0]), "world": self.world()}
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
-            replicated[AFTER_UPDATE] = self._after_update()
+            replicated[AFTER_UPDATE] = after_update
+            if any(g[4] for g in gathered):
+                replicated[script_tensors.KEY] = [g[4] for g in gathered]
             files["state"] = replicated
         if local is not None:
             files[sharded.shard_name(self.rank(), self.world())] = local[1]
@@ -630,6 +643,13 @@ class Runtime:
             self.flush()
             if local is not None:
                 self._commit_pieces(dist)
+
+    def _script_tensors(self) -> list[dict[str, Any]]:
+        """This rank's batch tensors in the script's frames (script_tensors.py)."""
+        if not self.tensors.varying:
+            return []
+        owned = script_tensors.owned_storages(self.models(), self._alive(self.optimizers))
+        return self.tensors.capture(sys._getframe(), owned)
 
     def _upload_report(self, pieces: bool) -> tuple[Any, bool]:
         """(this rank's last finished upload, whether one is in flight) for `_coordinate`."""
@@ -857,6 +877,8 @@ class Runtime:
             # checkpoint's. Scheduler calls made before that pass are in the restored state.
             self.suppress_scheduler = True
         self.loops_due = not training
+        ranks = replicated.get(script_tensors.KEY) or []
+        self.replay_tensors = ranks[self.rank()] if self.rank() < len(ranks) else []
         self.rng_to_restore, self.replay_rng = got["rng"], None
         if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
@@ -900,6 +922,10 @@ class Runtime:
         self.replaying = True
         if self.replay_rng is not None:  # set at the restore: again, if a loop's start did it
             state.restore_rng(self.replay_rng)
+        if self.replay_tensors:
+            done = self.tensors.apply(sys._getframe(), self.replay_tensors)
+            self.replay_tensors = []
+            say(f"restored the script's tensors: {', '.join(done) or 'none (frames differ)'}")
         if self.loops_due:
             self._apply_loops()
 

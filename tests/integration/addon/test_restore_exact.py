@@ -189,6 +189,9 @@ def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step
         ("while", 1, 13, "0"),
         ("while", 2, 9, "0"),
         ("range", 1, 17, "0"),
+        # nanoGPT's own loop: the batch in the script's globals is the checkpoint's again
+        ("prefetch", 1, 13, "0"),
+        ("prefetch", 2, 11, "0"),
         # a validation DataLoader after steps 10, 20, 30: the steps still checkpoint each
         ("while", 1, 17, "10"),
     ],
@@ -225,6 +228,8 @@ def test_a_script_without_a_dataloader_resumes_exactly(
     # set back to the checkpoint step's values (the range loop's resumed at that iteration)
     assert f"iter_num={restored - 1}" in counters.group(1).split(", ")
     assert loop != "range" or f"it={restored - 1}" in counters.group(1).split(", ")
+    tensors = re.search(r"restored the script's tensors: (.*)", second.output())
+    assert loop != "prefetch" or (tensors and set(tensors.group(1).split(", ")) >= {"x", "y"})
     for rank in range(world):
         # The restarted run's first batch is thrown away with the replayed step; then come the
         # uninterrupted run's batches from the restored step on, and no more.

@@ -1,0 +1,121 @@
+"""The script's own batch tensors: what a replayed step cannot draw again.
+
+nanoGPT draws the next batch inside a step (``X, Y = get_batch('train')`` right after the
+forward), so when a step ends the script's locals already hold the next step's batch, drawn
+from the RNG before the step's boundary recorded it. A restart replays the checkpoint's step
+(`Runtime.restore_at_first_step`) and sets the RNG back, but ``X, Y`` then hold a batch the
+restarted run drew: the run would be one batch off. So the tensors the script reassigns from
+step to step (seen at the optimizer hooks, as `loops.LoopState` sees counters) are saved with
+each checkpoint taken right after an update, per rank, and put back into the frames running
+the same code at the same instruction when the replayed step ends.
+
+Only tensors that need no gradient and share no storage with the models or the optimizers (a
+batch, a best validation loss so far), up to `MAX_BYTES` per rank. A tensor the script never
+reassigns (the whole dataset in memory) is not saved: the restarted run has it already.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lattice.addon.loops import EVERY_FETCH, CodeKey, code_key, set_local, user_frames
+from lattice.addon.protocol import say
+
+KEY = "script_tensors"  # in a checkpoint's state: one list of frames per rank
+MAX_BYTES = 64 << 20
+
+
+def _tensors(frame: FrameType) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in frame.f_locals.items() if isinstance(v, torch.Tensor)}
+
+
+def owned_storages(models: Iterable[nn.Module], optimizers: Iterable[Any]) -> set[int]:
+    """Storage addresses of the models' parameters and buffers and the optimizers' states:
+    a script local that shares one (``w = model.weight.detach()``) is theirs, not a batch."""
+    found = set()
+    for model in models:
+        for t in (*model.parameters(), *model.buffers()):
+            found.add(t.untyped_storage().data_ptr())
+    for opt in optimizers:
+        for per_param in opt.state.values():
+            for value in per_param.values():
+                if isinstance(value, torch.Tensor):
+                    found.add(value.untyped_storage().data_ptr())
+    return found
+
+
+class ScriptTensors:
+    """Which tensor locals of the script change between steps, and saving / restoring them."""
+
+    def __init__(self) -> None:
+        self.last: dict[CodeKey, dict[str, int]] = {}  # name -> id() at the last observation
+        self.varying: dict[CodeKey, set[str]] = {}
+        self.steps = 0
+        self.warned = False
+
+    def stepped(self, start: FrameType | None) -> None:
+        """An optimizer-hook boundary: observed when one of the first or one in `EVERY_FETCH`
+        (reassignment is sticky, and a checkpoint observes anyway)."""
+        self.steps += 1
+        if self.steps <= EVERY_FETCH or self.steps % EVERY_FETCH == 0:
+            self.observe(start)
+
+    def observe(self, start: FrameType | None) -> None:
+        for frame in user_frames(start):
+            key = code_key(frame.f_code)
+            now = {name: id(t) for name, t in _tensors(frame).items()}
+            last = self.last.get(key)
+            self.last[key] = now
+            if last is not None:
+                changed = {name for name, ident in now.items() if last.get(name, ident) != ident}
+                if changed:
+                    self.varying.setdefault(key, set()).update(changed)
+
+    def capture(self, start: FrameType | None, owned: set[int]) -> list[dict[str, Any]]:
+        """The varying tensors of the script's frames on the stack, copied to the CPU."""
+        self.observe(start)
+        saved, total = [], 0
+        for frame in user_frames(start):
+            varying = self.varying.get(code_key(frame.f_code))
+            if not varying:
+                continue
+            tensors, devices = {}, {}
+            for name, t in _tensors(frame).items():
+                if name not in varying or t.requires_grad or isinstance(t, nn.Parameter):
+                    continue
+                if t.untyped_storage().data_ptr() in owned:
+                    continue
+                size = t.numel() * t.element_size()
+                if total + size > MAX_BYTES:
+                    if not self.warned:
+                        self.warned = True
+                        say(f"script tensor {name} not checkpointed: over {MAX_BYTES >> 20} MiB")
+                    continue
+                total += size
+                tensors[name] = t.detach().to("cpu", copy=True)
+                devices[name] = str(t.device)
+            if tensors:
+                key = code_key(frame.f_code)
+                saved.append(
+                    {"code": list(key), "at": frame.f_lasti, "tensors": tensors, "devices": devices}
+                )
+        return saved
+
+    @staticmethod
+    def apply(start: FrameType | None, saved: list[dict[str, Any]]) -> list[str]:
+        """Put saved tensors back into the frames running their code at their instruction."""
+        by_place = {(tuple(e["code"]), int(e["at"])): e for e in saved}
+        done = []
+        for frame in user_frames(start):
+            entry = by_place.pop((code_key(frame.f_code), frame.f_lasti), None)
+            if entry is None:
+                continue
+            for name, t in entry["tensors"].items():
+                set_local(frame, name, t.to(entry["devices"].get(name, "cpu")))
+                done.append(str(name))
+        return done

@@ -1,0 +1,85 @@
+"""The script's batch tensors: which locals are saved, and putting them back at the replay."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lattice.addon import script_tensors
+from lattice.addon.script_tensors import ScriptTensors
+
+
+class Script:
+    """A training loop shaped like nanoGPT's: the next batch is drawn before the update."""
+
+    def __init__(self) -> None:
+        self.model = nn.Linear(2, 1)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.tensors = ScriptTensors()
+        self.saved: list[dict[str, Any]] = []
+        self.applied: list[str] = []
+
+    def hook(self, capture: bool, restore: list[dict[str, Any]] | None) -> None:
+        """Stands in for the optimizer hook (`Runtime.on_optimizer_step`)."""
+        frame = sys._getframe(1)
+        if restore is not None:
+            self.applied = ScriptTensors.apply(frame, restore)
+            return
+        self.tensors.stepped(frame)
+        if capture:
+            owned = script_tensors.owned_storages([self.model], [self.opt])
+            self.saved = self.tensors.capture(frame, owned)
+
+    def run(self, steps: int, capture_at: int = -1, restore: Any = None) -> list[torch.Tensor]:
+        data = torch.arange(10.0)  # the dataset in memory: never reassigned, never saved
+        best = torch.tensor(float("inf"))
+        x = data[:2]
+        seen = []
+        for i in range(steps):
+            loss = self.model(x).sum()  # needs a gradient: not a batch
+            weight = self.model.weight.detach()  # the model's storage: not a batch
+            x = torch.full((2,), float(i + 1))  # the next batch, drawn before the update
+            if i == 1:
+                best = loss.detach() + weight.sum() * 0  # an evaluation's best loss
+            loss.backward()
+            self.hook(i == capture_at, restore if i == 0 else None)
+            seen.append(x.clone())
+        assert best.numel() == 1 and data.numel() == 10
+        return seen
+
+
+def test_reassigned_batches_are_saved_and_put_back_at_the_same_instruction() -> None:
+    first = Script()
+    first.run(5, capture_at=3)
+    (entry,) = first.saved
+    assert set(entry["tensors"]) == {"x", "best"}  # not data, loss, weight
+    assert torch.equal(entry["tensors"]["x"], torch.full((2,), 4.0))
+    assert entry["devices"] == {"x": "cpu", "best": "cpu"}
+
+    replay = Script()
+    seen = replay.run(2, restore=first.saved)
+    assert sorted(replay.applied) == ["best", "x"]
+    assert torch.equal(seen[0], torch.full((2,), 4.0))  # the checkpoint's batch, not 1.0
+    assert torch.equal(seen[1], torch.full((2,), 2.0))  # the loop goes on drawing its own
+
+
+def test_a_frame_at_another_instruction_gets_nothing() -> None:
+    first = Script()
+    first.run(4, capture_at=2)
+    entry = dict(first.saved[0], at=first.saved[0]["at"] + 2)  # another call site
+    replay = Script()
+    seen = replay.run(1, restore=[entry])
+    assert replay.applied == []
+    assert torch.equal(seen[0], torch.full((2,), 1.0))
+
+
+def test_tensors_over_the_bound_are_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(script_tensors, "MAX_BYTES", 10)  # room for x (8 bytes), not best too
+    first = Script()
+    first.run(4, capture_at=2)
+    (entry,) = first.saved
+    assert len(entry["tensors"]) == 1
