@@ -22,6 +22,7 @@ def track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         if not any(ref() is self for ref in refs):
+            refs[:] = [ref for ref in refs if ref() is not None]  # (a loader per evaluation)
             refs.append(weakref.ref(self))
 
     cls.__init__ = __init__  # type: ignore[method-assign]

@@ -405,9 +405,9 @@ class Runtime:
         after_update = self._after_update()
         states = {}
         if after_update:  # what the script steps after the update changes these: copy them
-            for name, obj in self.objects().items():
-                if name.startswith(("scheduler.", "scaler.")):
-                    states[name] = copy.deepcopy(obj.state_dict())
+            for kind, refs in (("scheduler", self.schedulers), ("scaler", self.scalers)):
+                for i, obj in enumerate(self._alive(refs)):  # named as `objects` names them
+                    states[f"{kind}.{i}"] = copy.deepcopy(obj.state_dict())
         self.kept = failed_step.Boundary(
             step=self.step,
             generation=self.generation,

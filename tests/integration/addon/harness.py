@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,6 +112,19 @@ class Launcher:
     def close(self) -> None:
         for run in self.runs:
             run.kill()
+
+
+def quick_benchmark(name: str, timeout: float) -> dict[str, Any]:
+    """Run ``benchmarks/<name>.py --quick``; the JSON object its last line prints."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def poll(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[3]
+from .harness import quick_benchmark
 
 
 def test_quick_run_trains_both_arms_and_times_the_addons_snapshots_and_restore() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "checkpoint_overhead.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = quick_benchmark("checkpoint_overhead", timeout=600)
     assert result["params"] >= 50_000_000  # the model size
     assert len(result["throughput_ratios"]) == 1 and result["throughput_ratios"][0] > 0
     # The addon arm really ran the addon: it calibrated an interval from its own snapshots,

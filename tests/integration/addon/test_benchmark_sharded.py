@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[3]
+from .harness import quick_benchmark
 
 
 def test_quick_run_reports_every_figure_and_a_rank_holds_its_share() -> None:
-    done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "sharded_checkpoint.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = quick_benchmark("sharded_checkpoint", timeout=300)
     for key in (
         "lattice_stall_s",
         "lattice_write_s",

@@ -46,27 +46,31 @@ def baseline(launcher: Launcher, script: str, world: int, **extra: str) -> Path:
     return out
 
 
+def kill_and_restart(
+    launcher: Launcher, script: str, world: int, kill_after: int, **env: str
+) -> tuple[str, bool]:
+    """An uninterrupted run; then a run with a checkpoint every step, killed with -9 once rank
+    0 logged ``kill_after`` batches, and restarted (its batches logged to ``after.<rank>``).
+    The restarted run's output, and whether it ended bitwise equal to the uninterrupted one."""
+    expected = baseline(launcher, script, world, **env)
+    out = launcher.tmp / "resumed.pt"
+    env = {"ZOO_OUT": str(out), "LATTICE_CHECKPOINT_EVERY": "1", **env}
+    first = launcher.start(script, world, ZOO_STEP_SLEEP="0.1", **env)
+    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
+    first.kill()
+    assert not out.exists(), "the first run finished before it was killed"
+    second = launcher.start(script, world, ZOO_LOG=str(launcher.tmp / "after"), **env)
+    assert second.wait() == [0] * world, second.output()
+    return second.output(), bitwise_equal(params(expected), params(out))
+
+
 @pytest.mark.parametrize(("script", "world", "kill_after", "env"), CASES)
 def test_kill_and_restart_is_bitwise_exact(
     launcher: Launcher, script: str, world: int, kill_after: int, env: dict[str, str]
 ) -> None:
-    expected = baseline(launcher, script, world, **env)
-    out = launcher.tmp / "resumed.pt"
-    first = launcher.start(
-        script,
-        world,
-        ZOO_OUT=str(out),
-        LATTICE_CHECKPOINT_EVERY="1",
-        ZOO_STEP_SLEEP="0.1",
-        **env,
-    )
-    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
-    first.kill()
-    assert not out.exists(), "the first run finished before it was killed"
-    second = launcher.start(script, world, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", **env)
-    assert second.wait() == [0] * world, second.output()
-    assert "restored step" in second.output()
-    assert bitwise_equal(params(expected), params(out))
+    log, exact = kill_and_restart(launcher, script, world, kill_after, **env)
+    assert "restored step" in log
+    assert exact
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
@@ -111,31 +115,19 @@ STEP_LOOPS = [
 def test_step_count_loop_resumes_exactly(
     launcher: Launcher, script: str, steps: int, kill_after: int
 ) -> None:
-    expected = baseline(launcher, script, 1)
-    out = launcher.tmp / "resumed.pt"
-    first = launcher.start(
-        script, 1, ZOO_OUT=str(out), LATTICE_CHECKPOINT_EVERY="1", ZOO_STEP_SLEEP="0.1"
-    )
-    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
-    first.kill()
-    assert not out.exists(), "the first run finished before it was killed"
-    after = launcher.tmp / "after"
-    second = launcher.start(
-        script, 1, ZOO_OUT=str(out), ZOO_LOG=str(after), LATTICE_CHECKPOINT_EVERY="1"
-    )
-    assert second.wait() == [0], second.output()
-    found = re.search(r"restored step (\d+)", second.output())
-    assert found, second.output()
+    log, exact = kill_and_restart(launcher, script, 1, kill_after)
+    found = re.search(r"restored step (\d+)", log)
+    assert found, log
     restored = int(found.group(1))
     assert kill_after - 3 <= restored < steps  # the pass the kill was meant for
-    assert f"restored the script's counters: step={restored}" in second.output()
+    assert f"restored the script's counters: step={restored}" in log
     # The loop goes on from the restored step with the uninterrupted run's batches, and stops
     # after `steps` steps in all.
     resumed = (launcher.tmp / "after.0").read_text().splitlines()
     uninterrupted = (launcher.tmp / "base.0").read_text().splitlines()
     assert len(uninterrupted) == steps
     assert resumed == uninterrupted[restored:]
-    assert bitwise_equal(params(expected), params(out))
+    assert exact
 
 
 def _damage(victim: Path, how: str) -> None:
@@ -205,30 +197,19 @@ def test_a_script_without_a_dataloader_resumes_exactly(
     then resumes), and the step replays the checkpoint's (its update dropped, what follows it
     kept); the run goes on with the uninterrupted run's batches and ends bitwise equal."""
     script, steps = "train_getbatch.py", 30
-    expected = baseline(launcher, script, world, ZOO_LOOP=loop, ZOO_EVAL_EVERY=eval_every)
-    out = launcher.tmp / "resumed.pt"
-    env = {
-        "ZOO_OUT": str(out),
-        "ZOO_LOOP": loop,
-        "ZOO_EVAL_EVERY": eval_every,
-        "LATTICE_CHECKPOINT_EVERY": "1",
-    }
-    first = launcher.start(script, world, ZOO_STEP_SLEEP="0.1", **env)
-    poll(lambda: len(id_lines(launcher.tmp)) >= kill_after, "training progress")
-    first.kill()
-    assert not out.exists(), "the first run finished before it was killed"
-    second = launcher.start(script, world, ZOO_LOG=str(launcher.tmp / "after"), **env)
-    assert second.wait() == [0] * world, second.output()
-    found = re.search(r"restored step (\d+)", second.output())
-    assert found, second.output()
+    log, exact = kill_and_restart(
+        launcher, script, world, kill_after, ZOO_LOOP=loop, ZOO_EVAL_EVERY=eval_every
+    )
+    found = re.search(r"restored step (\d+)", log)
+    assert found, log
     restored = int(found.group(1))
     assert kill_after - 3 <= restored < steps
-    counters = re.search(r"restored the script's counters: (.*)", second.output())
-    assert counters, second.output()
+    counters = re.search(r"restored the script's counters: (.*)", log)
+    assert counters, log
     # set back to the checkpoint step's values (the range loop's resumed at that iteration)
     assert f"iter_num={restored - 1}" in counters.group(1).split(", ")
     assert loop != "range" or f"it={restored - 1}" in counters.group(1).split(", ")
-    tensors = re.search(r"restored the script's tensors: (.*)", second.output())
+    tensors = re.search(r"restored the script's tensors: (.*)", log)
     assert loop != "prefetch" or (tensors and set(tensors.group(1).split(", ")) >= {"x", "y"})
     for rank in range(world):
         # The restarted run's first batch is thrown away with the replayed step; then come the
@@ -237,6 +218,6 @@ def test_a_script_without_a_dataloader_resumes_exactly(
         uninterrupted = (launcher.tmp / f"base.{rank}").read_text().splitlines()
         assert len(uninterrupted) == steps
         assert resumed[1:] == uninterrupted[restored:]
-    assert bitwise_equal(params(expected), params(out))
+    assert exact
     # The replayed step was not counted: the last checkpoint is the last step's.
     assert max(int(p.name[5:]) for p in launcher.local_dir(0).glob("step-*")) == steps
