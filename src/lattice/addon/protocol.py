@@ -6,6 +6,7 @@ The agent imports ``SAFEPOINT_EXIT`` from here, so the two sides cannot drift.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 SAFEPOINT_EXIT = 83  # exit code: "checkpoint committed at a safe point, as you asked"
 CHECKPOINT_AND_EXIT = "checkpoint-and-exit"  # what the agent writes into LATTICE_CONTROL_FILE
@@ -20,6 +21,13 @@ ENV_AUTOPATCH = "LATTICE_AUTOPATCH"
 ENV_EVERY = "LATTICE_CHECKPOINT_EVERY"
 ENV_KEEP = "LATTICE_CHECKPOINT_KEEP"
 ENV_LOG = "LATTICE_ADDON_LOG"  # log level of the addon's own lines (default INFO)
+
+
+def saving_marker(control_file: str | Path, pid: int) -> Path:
+    """The file a worker keeps while it saves on its way out (the last finished step after a
+    failure, a checkpoint still being written at SIGTERM): the agent's SIGKILL waits for it,
+    up to its save grace, instead of cutting the save at the kill grace."""
+    return Path(f"{control_file}.saving-{pid}")
 
 
 def say(msg: str) -> None:
@@ -40,5 +48,6 @@ __all__ = [
     "ENV_ROUND",
     "ENV_TOKEN",
     "SAFEPOINT_EXIT",
+    "saving_marker",
     "say",
 ]

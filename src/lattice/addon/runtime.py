@@ -475,8 +475,8 @@ class Runtime:
         if copies is None:
             say(f"step {kept.step} not saved after the failure: the models' buffers changed")
             return
-        with signals.sigterm_recorded(self):  # the agent stops a failed round's survivors: finish
-            self._write_failed_step(kept, folder, copies)
+        with signals.sigterm_recorded(self), signals.saving(self):  # the agent stops the
+            self._write_failed_step(kept, folder, copies)  # survivors: finish, and say so
 
     def _write_failed_step(
         self, kept: failed_step.Boundary, folder: Path, copies: dict[int, torch.Tensor]

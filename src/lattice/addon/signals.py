@@ -12,16 +12,17 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from lattice.addon.protocol import say
+from lattice.addon.protocol import saving_marker, say
 
 if TYPE_CHECKING:
     from lattice.addon.runtime import Runtime
 
 TERM_HANDLER_WAIT_S = 1.0  # for the main thread to take a SIGTERM (`term_watchdog`); a
 # loaded machine may not run it sooner, and the agent waits 3 s before its SIGKILL anyway
-TERM_WRITE_WAIT_S = 10.0  # at SIGTERM, for snapshots being written (the agent's kill bounds it)
+TERM_WRITE_WAIT_S = 60.0  # at SIGTERM, for snapshots being written (the agent's save grace)
 
 
 def hold_sigterm() -> None:
@@ -29,10 +30,26 @@ def hold_sigterm() -> None:
 
     When one node leaves after a safe point the round ends for the others too, and their
     agents SIGTERM workers that may still be writing that same checkpoint (the agent's SIGKILL
-    after its grace still bounds the wait).
+    after its grace, or its save grace while `saving`, still bounds the wait).
     """
     with contextlib.suppress(ValueError):  # not the main thread: the default action stays
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def saving(rt: Runtime) -> Iterator[None]:
+    """Tell the agent this process is saving (`saving_marker`): its SIGKILL waits, up to its
+    save grace. Only around local writes, which no dead peer can hang."""
+    marker = saving_marker(rt.control, os.getpid()) if rt.control else None
+    if marker is not None:
+        with contextlib.suppress(OSError):
+            marker.touch()
+    try:
+        yield
+    finally:
+        if marker is not None:
+            with contextlib.suppress(OSError):
+                marker.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -100,7 +117,9 @@ def die_of_sigterm(rt: Runtime) -> None:
     """End as SIGTERM's default action would have, once the snapshots being written are."""
     if os.getpid() == rt.pid:
         with rt._written:  # this step's own snapshot, or an older one
-            rt._written.wait_for(lambda: not rt.writing, timeout=TERM_WRITE_WAIT_S)
+            if rt.writing:
+                with saving(rt):
+                    rt._written.wait_for(lambda: not rt.writing, timeout=TERM_WRITE_WAIT_S)
     sys.stdout.flush()
     sys.stderr.flush()
     with contextlib.suppress(ValueError):  # not the main thread: exit as the shell reports it

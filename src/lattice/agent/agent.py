@@ -85,6 +85,7 @@ class Agent:
         self._stop_signal: int | None = None
         self._stop: asyncio.Event | None = None
         self._run_dir: Path | None = None
+        self._control: Path | None = None  # the round's control file (saving markers beside it)
         self._pool: StandbyPool | None = None
         self._node_envs: list[dict[str, str]] = []
 
@@ -305,6 +306,7 @@ class Agent:
         assert self._run_dir is not None
         control = self._run_dir / f"round-{gen}.control"
         control.touch()
+        self._control = control
         place = RoundPlacement(
             generation=gen,
             group_rank=me.rank,
@@ -337,8 +339,9 @@ class Agent:
             if any(w.returncode is None for w in self._workers):
                 await self._stop_workers(None)
             self._workers = []
-            with contextlib.suppress(OSError):
-                control.unlink()
+            for path in (control, *control.parent.glob(f"{control.name}.saving-*")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     async def _launch(self, place: RoundPlacement) -> list[Worker]:
         log_dir = None
@@ -464,6 +467,8 @@ class Agent:
             control_file=control,
             safepoint_timeout=tuning.safepoint_timeout_s,
             kill_grace=tuning.kill_grace_s,
+            saving=self._control if self._bootstrap is not None else None,
+            save_grace=tuning.save_grace_s,
         )
 
     async def _watch_end(self, client: RendezvousClient, gen: int) -> RoundEnd:

@@ -35,6 +35,7 @@ class Tuning:
     join_timeout_s: float = 600.0  # give up waiting for a round (torchrun's join_timeout)
     safepoint_timeout_s: float = 30.0  # graceful stop: wait this long for a safe point
     kill_grace_s: float = 3.0  # SIGTERM → SIGKILL
+    save_grace_s: float = 60.0  # … longer for a worker saving its last step (it says so)
     request_timeout_s: float = 10.0
     unreachable_after_s: float = 60.0
     prewarm: bool = True  # keep a standby interpreter per local rank
@@ -52,6 +53,7 @@ _CONF_KEYS: dict[str, str] = {
     "join_timeout": "join_timeout_s",
     "safepoint_timeout": "safepoint_timeout_s",
     "kill_grace": "kill_grace_s",
+    "save_grace": "save_grace_s",
     "read_timeout": "request_timeout_s",
     "timeout": "request_timeout_s",
     "request_timeout": "request_timeout_s",

@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 try:
-    from lattice.addon.protocol import SAFEPOINT_EXIT
+    from lattice.addon.protocol import SAFEPOINT_EXIT, saving_marker
 except ImportError:  # the addon is optional for the agent
     SAFEPOINT_EXIT = 83
+
+    def saving_marker(control_file: str | Path, pid: int) -> Path:
+        return Path(f"{control_file}.saving-{pid}")
+
 
 CHECKPOINT_AND_EXIT = "checkpoint-and-exit"
 

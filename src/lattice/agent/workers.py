@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lattice.agent.output import Label, LastLine, Sink, pump
-from lattice.agent.protocol import CHECKPOINT_AND_EXIT
+from lattice.agent.protocol import CHECKPOINT_AND_EXIT, saving_marker
 
 log = logging.getLogger("lattice.agent")
 
 TRAMPOLINE = Path(__file__).with_name("_trampoline.py")
 DRAIN_S = 2.0  # after exit, how long output may still trickle in (grandchildren holding pipes)
 KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the kernel to reap
+POLL_S = 0.2  # how often a saving worker's marker is looked at again
 
 
 @dataclass(frozen=True)
@@ -184,14 +185,37 @@ async def wait_all(workers: Iterable[Worker], timeout: float) -> bool:
     return not pending
 
 
+async def _wait_for_saves(workers: Sequence[Worker], saving: Path, bound: float) -> None:
+    deadline = time.monotonic() + bound
+    said = False
+    while True:
+        savers = [
+            w for w in workers if w.returncode is None and saving_marker(saving, w.pid).exists()
+        ]
+        left = deadline - time.monotonic()
+        if not savers or left <= 0:
+            return
+        if not said:
+            said = True
+            log.info("waiting up to %.0f s for %d worker(s) saving their state", left, len(savers))
+        await wait_all(savers, min(POLL_S, left))
+
+
 async def stop_workers(
     workers: Sequence[Worker],
     *,
     control_file: Path | None,
     safepoint_timeout: float,
     kill_grace: float,
+    saving: Path | None = None,
+    save_grace: float = 0.0,
 ) -> None:
-    """Stop all workers, bounded: safe point (if ``control_file``), SIGTERM, then SIGKILL."""
+    """Stop all workers, bounded: safe point (if ``control_file``), SIGTERM, then SIGKILL.
+
+    A worker still saving its last step when the kill grace ends (its `saving_marker` next to
+    the round's control file ``saving``) gets up to ``save_grace`` more: a multi-gigabyte
+    state takes longer than the few seconds that suit a worker with nothing to save.
+    """
     started = time.monotonic()
     if control_file is not None and any(w.returncode is None for w in workers):
         write_control(control_file, CHECKPOINT_AND_EXIT)
@@ -206,6 +230,8 @@ async def stop_workers(
         for w in alive:
             w.signal(sig)
         await wait_all(alive, bound)
+        if sig == signal.SIGTERM and saving is not None:
+            await _wait_for_saves(workers, saving, save_grace)
     for w in workers:  # stragglers of the group (DataLoader workers, shells) go too
         w.signal(signal.SIGKILL)
     pumps = [t for w in workers for t in w.pumps if not t.done()]

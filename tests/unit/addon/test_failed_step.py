@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
 
-from lattice.addon import failed_step, state
+from lattice.addon import failed_step, signals, state
+from lattice.addon.protocol import saving_marker
 
 
 def draws() -> tuple[float, float, float]:
@@ -130,3 +134,15 @@ def test_a_constant_buffer_is_copied_once_a_norm_layers_statistics_every_time() 
     assert torch.equal(
         copies.by_identity(failed_step.buffers([model]))[id(model.table)], model.table
     )
+
+
+def test_a_save_on_the_way_out_is_marked_for_the_agent(tmp_path: Path) -> None:
+    """The marker the agent looks for (`protocol.saving_marker`) exists while the save runs."""
+    rt: Any = SimpleNamespace(control=str(tmp_path / "round-1.control"))
+    marker = saving_marker(rt.control, os.getpid())
+    with signals.saving(rt):
+        assert marker.exists()
+    assert not marker.exists()
+    rt.control = None  # not under an agent: nothing to mark
+    with signals.saving(rt):
+        assert not list(tmp_path.iterdir())

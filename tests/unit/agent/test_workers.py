@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from _agent_procs import alive, wait_until
 
 from lattice.agent.output import Sink
@@ -101,4 +102,49 @@ async def test_safe_point_request_reaches_the_worker(tmp_path: Path) -> None:
     started = time.monotonic()
     await stop_workers([worker], control_file=control, safepoint_timeout=60, kill_grace=1)
     assert worker.returncode == SAFEPOINT_EXIT
+    assert time.monotonic() - started < 30
+
+
+SAVER = """
+import os, signal, sys, time
+from lattice.agent.protocol import saving_marker
+
+def on_term(*_):
+    marker = saving_marker(os.environ["LATTICE_CONTROL_FILE"], os.getpid())
+    marker.touch()  # as the addon does around its last save
+    time.sleep(float(sys.argv[1]))  # the save: longer than the kill grace
+    marker.unlink()
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, on_term)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize(("save_s", "save_grace", "code"), [(3, 60, 0), (600, 0.5, -9)])
+async def test_a_worker_saving_its_state_gets_the_save_grace(
+    tmp_path: Path, save_s: float, save_grace: float, code: int
+) -> None:
+    """Past the kill grace, a worker that marked itself saving is waited for (it finishes and
+    exits 0), up to the save grace (then SIGKILL all the same)."""
+    control = tmp_path / "round-1.control"
+    control.touch()
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    program = Program(str(script), (str(save_s),), "script", sys.executable, str(tmp_path))
+    env = {**os.environ, "LATTICE_CONTROL_FILE": str(control)}
+    worker = await start_worker(program, env, 0, _sinks())
+    worker.assign(0, tmp_path / "logs")
+    assert await asyncio.wait_for(_logged(tmp_path / "logs", 1), 60)
+    started = time.monotonic()
+    await stop_workers(
+        [worker],
+        control_file=None,
+        safepoint_timeout=30,
+        kill_grace=1.0,
+        saving=control,
+        save_grace=save_grace,
+    )
+    assert worker.returncode == code
     assert time.monotonic() - started < 30
