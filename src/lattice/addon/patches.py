@@ -38,7 +38,6 @@ def patch_torch(rt: Runtime) -> None:
     track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
     track_init(torch.amp.GradScaler, rt.scalers)
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
-    track_init(DataLoader, rt.made_loaders)
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True

@@ -104,7 +104,9 @@ class Runtime:
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
         self.replay_tried = False  # a replay restore was tried (it is, once)
         self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
-        self.made_loaders: list[weakref.ref[Any]] = []  # every DataLoader constructed
+        # The newest checkpoint, read by a replay restore that was not for it: the first
+        # DataLoader pass restores it without reading it again (`restore`).
+        self.stash: tuple[int, dict[str, Any], str] | None = None
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
@@ -820,28 +822,21 @@ class Runtime:
         """Load the newest checkpoint every rank has, once, before the first batch (True if
         one was).
 
-        ``after_update_only`` (a replay, `restore_at_first_step`): only a checkpoint taken
-        right after an update; one taken at a batch fetch is left for the first DataLoader
-        pass, where it belongs.
+        ``after_update_only`` (a replay: `restore_at_first_step`, `restore_at_loop_start`): only
+        a checkpoint taken right after an update, outside any DataLoader pass that made steps.
+        Any other is kept as read (`stash`) for the first DataLoader pass, where it belongs.
         """
         self.restore_done = True
-        dist = collective.dist()
-        remote = self._service_step(dist)  # (round, step) of the service's newest
-        step, local = self._agree_local(dist, newer_than=remote)
-        if remote is not None and step is None:  # nothing local as new as the service's
-            got = self._download(dist)
-            if got is None:
-                return False
-            step = int(got["state"]["step"])
-            origin = "the checkpoint service"
-        elif step is not None and local is not None:
-            got = local
-            origin = str(local_tier.step_dir(self.root, step))
-        else:
+        newest, self.stash = self.stash or self._newest(), None
+        if newest is None:
             return False
+        step, got, origin = newest
         replicated = got["state"]
-        if after_update_only and not replicated.get(AFTER_UPDATE):
-            self.restore_done = False
+        positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
+        # The pass(es) the checkpoint was taken in: the training loop resumes there.
+        training = [p for p in positions if p.had_steps(p.pass_index)]
+        if after_update_only and (training or not replicated.get(AFTER_UPDATE)):
+            self.restore_done, self.stash = False, newest
             return False
         self.step = self.step_base = step
         if hf.STATE_KEY in replicated:
@@ -854,21 +849,19 @@ class Runtime:
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
         try:
             held, holders = got.get("pieces") or ({}, {})
-            loaded = sharded.load(objects, replicated, held, holders, dist)
+            loaded = sharded.load(objects, replicated, held, holders, collective.dist())
         finally:
             self.loading = False
         for name, obj in objects.items():
             if name in replicated and name not in loaded:
                 obj.load_state_dict(replicated[name])
-        positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
         self.resume_positions = positions
         for _loader, tr in self.tracks():
             if tr.index < len(positions):
                 tr.take_resume(positions[tr.index])
-        # The pass(es) the checkpoint was taken in: the training loop resumes there. Passes
-        # before it that made steps are fast-forwarded (their scheduler steps suppressed), the
-        # others (evaluation, a peeked batch) run again; the RNG is restored at that point.
-        training = [p for p in positions if p.had_steps(p.pass_index)]
+        # Passes before the checkpoint's that made steps are fast-forwarded (their scheduler
+        # steps suppressed), the others (evaluation, a peeked batch) run again; the RNG is
+        # restored at the checkpoint's pass.
         self.suppress_scheduler = any(p.pass_index > 0 or p.done for p in training)
         for line in self.loops.load(replicated.get("loops", [])):
             say(f"step loop not resumed, it counts from its start again: {line}")
@@ -887,14 +880,30 @@ class Runtime:
         say(f"restored step {step} from {origin}")
         return True
 
+    def _newest(self) -> tuple[int, dict[str, Any], str] | None:
+        """(step, checkpoint, where from) of the newest checkpoint every rank can read."""
+        dist = collective.dist()
+        remote = self._service_step(dist)  # (round, step) of the service's newest
+        step, local = self._agree_local(dist, newer_than=remote)
+        if remote is not None and step is None:  # nothing local as new as the service's
+            got = self._download(dist)
+            if got is None:
+                return None
+            return int(got["state"]["step"]), got, "the checkpoint service"
+        if step is not None and local is not None:
+            return step, local, str(local_tier.step_dir(self.root, step))
+        return None
+
     def restore_at_loop_start(self) -> None:
-        """A ``for … in range(…)`` loop of the main script starts, an optimizer exists and no
-        DataLoader does: the script draws its own batches. Restore now, so that this ``range``
+        """A ``for … in range(…)`` loop of the main script starts once an optimizer exists.
+        If the newest checkpoint was taken right after an update with no DataLoader pass
+        making steps (the script draws its own batches), restore now, so that this ``range``
         call resumes the loop at the checkpoint's iteration (`loops.LoopState.resume_range`);
-        that iteration's optimizer step is the replay (`restore_at_first_step`)."""
+        that iteration's optimizer step is the replay (`restore_at_first_step`). Any other
+        checkpoint is left, as read, to the first DataLoader pass (an epoch loop's)."""
         if self.restore_done or self.replay_tried or self.trainer is not None or self.loading:
             return
-        if self._alive(self.optimizers) and not self._alive(self.made_loaders):
+        if self._alive(self.optimizers):
             self._restore_for_replay()
 
     def restore_at_first_step(self) -> None:
@@ -934,8 +943,7 @@ class Runtime:
         if not self.restore(after_update_only=True):
             return  # nothing restored, or a checkpoint for the first DataLoader pass
         self.replay_due = True
-        if not any(p.had_steps(p.pass_index) for p in self.resume_positions):
-            self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume
+        self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume
 
     def _prune_newer(self, step: int) -> None:
         if self.local_rank() == 0:

@@ -186,6 +186,8 @@ def test_damaged_or_missing_piece_falls_back_to_the_replica_or_the_previous_step
         ("prefetch", 2, 11, "0"),
         # a validation DataLoader after steps 10, 20, 30: the steps still checkpoint each
         ("while", 1, 17, "10"),
+        # … constructed before the range loop starts, which still resumes it
+        ("range", 1, 17, "10"),
     ],
 )
 def test_a_script_without_a_dataloader_resumes_exactly(
