@@ -108,14 +108,18 @@ class ScriptTensors:
 
     @staticmethod
     def apply(start: FrameType | None, saved: list[dict[str, Any]]) -> list[str]:
-        """Put saved tensors back into the frames running their code at their instruction."""
+        """Put saved tensors back into the frames running their code at their instruction, on
+        the device of the tensor the name holds now (a rank may have moved to another GPU of
+        its node in a resize), else on the one it was saved from."""
         by_place = {(tuple(e["code"]), int(e["at"])): e for e in saved}
         done = []
         for frame in user_frames(start):
             entry = by_place.pop((code_key(frame.f_code), frame.f_lasti), None)
             if entry is None:
                 continue
+            now = _tensors(frame)
             for name, t in entry["tensors"].items():
-                set_local(frame, name, t.to(entry["devices"].get(name, "cpu")))
+                device = now[name].device if name in now else entry["devices"].get(name, "cpu")
+                set_local(frame, name, t.to(device))
                 done.append(str(name))
         return done

@@ -67,6 +67,17 @@ def test_reassigned_batches_are_saved_and_put_back_at_the_same_instruction() -> 
     assert torch.equal(seen[1], torch.full((2,), 2.0))  # the loop goes on drawing its own
 
 
+def test_a_tensor_goes_back_on_the_device_its_name_holds_now() -> None:
+    """A rank that moved to another GPU of its node: not the device the tensor was saved from."""
+    first = Script()
+    first.run(4, capture_at=2)
+    entry = dict(first.saved[0], devices={"x": "meta", "best": "meta"})
+    replay = Script()
+    seen = replay.run(1, restore=[entry])
+    assert seen[0].device == torch.device("cpu")
+    assert torch.equal(seen[0], torch.full((2,), 3.0))
+
+
 def test_a_frame_at_another_instruction_gets_nothing() -> None:
     first = Script()
     first.run(4, capture_at=2)
