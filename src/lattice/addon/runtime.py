@@ -298,8 +298,7 @@ class Runtime:
         if stop:
             signals.hold_sigterm()
             self.snapshot(sync=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
+            signals.flush_output()
             say(f"safe point at step {self.step}: checkpointed, exiting {protocol.SAFEPOINT_EXIT}")
             os._exit(protocol.SAFEPOINT_EXIT)
         made = self.step - self.step_base  # steps made by this process

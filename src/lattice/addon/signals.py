@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 TERM_HANDLER_WAIT_S = 1.0  # for the main thread to take a SIGTERM (`term_watchdog`); a
 # loaded machine may not run it sooner, and the agent waits 3 s before its SIGKILL anyway
 TERM_WRITE_WAIT_S = 60.0  # at SIGTERM, for snapshots being written (the agent's save grace)
+SAVING = threading.Event()  # set while this process saves on its way out (`saving`)
 
 
 def hold_sigterm() -> None:
@@ -39,14 +40,17 @@ def hold_sigterm() -> None:
 @contextlib.contextmanager
 def saving(rt: Runtime) -> Iterator[None]:
     """Tell the agent this process is saving (`saving_marker`): its SIGKILL waits, up to its
-    save grace. Only around local writes, which no dead peer can hang."""
+    save grace; and `term_watchdog` that a SIGTERM's handler may wait. Only around local
+    writes, which no dead peer can hang."""
     marker = saving_marker(rt.control, os.getpid()) if rt.control else None
     if marker is not None:
         with contextlib.suppress(OSError):
             marker.touch()
+    SAVING.set()
     try:
         yield
     finally:
+        SAVING.clear()
         if marker is not None:
             with contextlib.suppress(OSError):
                 marker.unlink(missing_ok=True)
@@ -113,6 +117,26 @@ def on_sigterm(rt: Runtime) -> None:
     term_watchdog(started)
 
 
+def flush_output() -> None:
+    """Flush stdout and stderr before the process ends without returning.
+
+    torch.distributed's excepthook wraps ours and points ``sys.stderr`` at a buffer while ours
+    runs (to prefix the rank to the traceback), writing it out when ours returns; ours may not
+    return (`die_of_sigterm`), and the failed-step save's line and the traceback were lost.
+    """
+    sys.stdout.flush()
+    captured = sys.stderr
+    real = sys.__stderr__
+    if real is not None and captured is not real and hasattr(captured, "getvalue"):
+        with contextlib.suppress(Exception):
+            real.write(captured.getvalue())
+            captured.seek(0)
+            captured.truncate()
+        real.flush()
+    else:
+        captured.flush()
+
+
 def die_of_sigterm(rt: Runtime) -> None:
     """End as SIGTERM's default action would have, once the snapshots being written are."""
     if os.getpid() == rt.pid:
@@ -120,8 +144,7 @@ def die_of_sigterm(rt: Runtime) -> None:
             if rt.writing:
                 with saving(rt):
                     rt._written.wait_for(lambda: not rt.writing, timeout=TERM_WRITE_WAIT_S)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    flush_output()
     with contextlib.suppress(ValueError):  # not the main thread: exit as the shell reports it
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -132,7 +155,10 @@ def term_watchdog(started: threading.Event) -> None:
     """A Python signal handler runs only when the main thread is back in Python: one blocked
     in a collective whose peer vanished without a reset would hold the handler (and the round's
     restart) until the agent's SIGKILL. This thread sees the signal arrive (the wakeup fd) and
-    ends the process as SIGTERM's default would have, unless the handler started meanwhile."""
+    ends the process as SIGTERM's default would have, unless the handler started meanwhile or
+    the process is `saving` (then the main thread is in Python and ends it after the save: a
+    failed-step save from the excepthook holds SIGTERM, and a multi-second save was cut at
+    `TERM_HANDLER_WAIT_S`)."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     try:
@@ -154,8 +180,11 @@ def term_watchdog(started: threading.Event) -> None:
                 got = os.read(read_fd, 64)
             except OSError:
                 return
-            if signal.SIGTERM in got and not started.wait(TERM_HANDLER_WAIT_S):
-                sys.stderr.flush()
-                os._exit(128 + signal.SIGTERM)
+            if signal.SIGTERM not in got:
+                continue
+            while not started.wait(TERM_HANDLER_WAIT_S):
+                if not SAVING.is_set():
+                    flush_output()
+                    os._exit(128 + signal.SIGTERM)
 
     threading.Thread(target=watch, name="lattice-sigterm", daemon=True).start()

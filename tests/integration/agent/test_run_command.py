@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,11 +14,13 @@ import pytest
 from _agent_cluster import LATTICE, TRAIN, alive, base_env, descendants, free_port, kill_tree
 
 
-def run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], cwd: Path, timeout: float = 120, **env: str
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(
         [*LATTICE, "run", *args],
         cwd=cwd,
-        env=base_env(),
+        env={**base_env(), **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,6 +84,55 @@ def test_hung_worker_is_killed_when_its_peer_fails(tmp_path: Path) -> None:
     pids = [int(p) for p in re.findall(r"^\[rank0\]: pid (\d+)$", res.stdout, re.M)]
     assert pids and not any(alive(p) for p in pids)
     assert "rank 1 (node" in res.stderr and "exited with code 7" in res.stderr
+
+
+SAVER = """
+import os, signal, torch, torch.distributed as dist
+from torch import nn
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(12)])  # 600 MB with Adam's state
+net = nn.parallel.DistributedDataParallel(model)
+opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+first = os.environ["TORCHELASTIC_RESTART_COUNT"] == "0"
+step = 0
+while step < 8:
+    net(torch.randn(4, 2048)).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    step += 1
+    if first and step == 5 and dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+print("done", step, flush=True)
+"""
+
+
+def test_a_survivor_saving_its_last_step_outlives_the_kill_grace(tmp_path: Path) -> None:
+    """Rank 1 is killed -9 after step 5; rank 0 saves step 5 (the failed-step save: a 300 MB
+    state takes longer than the 1 s kill grace here) while the agent stops it. It marks
+    itself saving, so the agent waits, and the restart restores step 5."""
+    (tmp_path / "saver.py").write_text(SAVER)
+    job = f"saver-{time.monotonic_ns()}"
+    res = run(
+        [
+            *("--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-id", job),
+            *("--rdzv-conf", "kill_grace=1", "saver.py"),
+        ],
+        tmp_path,
+        timeout=300,
+        LATTICE_AUTOPATCH="torch",
+        LATTICE_CHECKPOINT_EVERY="1000",  # no periodic checkpoint after the first ones
+    )
+    try:
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "the round failed after step 5: saved it" in res.stderr, res.stderr[-3000:]
+        assert "restored step 5 " in res.stderr, res.stderr[-3000:]
+        done = re.findall(r"^\[rank(\d)\]: done (\d+)$", res.stdout, re.M)
+        assert sorted(done) == [("0", "8"), ("1", "8")], res.stdout[-3000:]
+    finally:
+        from lattice.agent.env import local_job_dir
+
+        shutil.rmtree(local_job_dir(job), ignore_errors=True)
 
 
 def test_sigint_stops_a_standalone_run(tmp_path: Path) -> None:

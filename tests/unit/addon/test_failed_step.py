@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
 from lattice.addon import failed_step, signals, state
@@ -146,3 +149,17 @@ def test_a_save_on_the_way_out_is_marked_for_the_agent(tmp_path: Path) -> None:
     rt.control = None  # not under an agent: nothing to mark
     with signals.saving(rt):
         assert not list(tmp_path.iterdir())
+
+
+def test_lines_held_by_a_wrapping_excepthook_are_written_before_the_end(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.distributed's excepthook points sys.stderr at a buffer while ours runs; a process
+    that dies in ours (`die_of_sigterm`) writes that buffer out first, or the failed-step
+    save's line and the traceback are lost."""
+    held = io.StringIO("lattice addon: the round failed after step 5: saved it\n")
+    held.seek(0, io.SEEK_END)
+    monkeypatch.setattr(sys, "stderr", held)
+    signals.flush_output()
+    assert "saved it" in capfd.readouterr().err
+    assert held.getvalue() == ""
