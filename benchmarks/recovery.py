@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lattice.agent.env import local_job_dir
 from lattice.agent.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,6 +242,7 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 agent.proc.wait(30)
         self.kill_service()
+        shutil.rmtree(local_job_dir(self.job), ignore_errors=True)  # memory, in /dev/shm
 
     # ------------------------------------------------------------ observation
 

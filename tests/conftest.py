@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from lattice.common import node_local
 from lattice.common.auth import new_admin_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +27,8 @@ def admin_token() -> str:
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """An environment without Lattice/torchelastic variables leaking in from the caller."""
     for key in list(os.environ):
+        if key == node_local.ENV_ROOT:  # the machine's, like TMPDIR (a second session's own)
+            continue
         if key.startswith(("LATTICE_", "TORCHELASTIC_")) or key in {
             "RANK",
             "WORLD_SIZE",
@@ -45,9 +48,7 @@ def _no_node_local_checkpoints_left() -> Iterator[None]:
     between tests they would leak memory and let a later test with the same job id restore
     an earlier test's state.
     """
-    from lattice.agent.env import local_tier_root
-
-    root = local_tier_root()
+    root = node_local.tier_root()
     before = set(root.iterdir()) if root.is_dir() else set()
     yield
     for path in (set(root.iterdir()) if root.is_dir() else set()) - before:

@@ -12,6 +12,7 @@ import atexit
 import collections
 import contextlib
 import copy
+import errno
 import gc
 import logging
 import os
@@ -48,6 +49,7 @@ from lattice.addon import (
     state,
 )
 from lattice.addon.protocol import say
+from lattice.common import node_local
 
 log = logging.getLogger("lattice.addon")
 
@@ -714,7 +716,7 @@ class Runtime:
             try:
                 piece = self._write(*item)
             except Exception as exc:  # a failed write must not kill training
-                say(f"checkpoint write failed: {exc!r}")
+                say(f"checkpoint write failed: {exc!r}{self._full_hint(exc)}")
                 with self._uploads:  # its upload will not come: others may start
                     self._claimed = False
             finally:
@@ -765,6 +767,16 @@ class Runtime:
                 self._uploads.notify_all()
         mine = sharded.shard_name(self.rank(), self.world())
         return folder / f"{mine}.pt" if mine in files else None
+
+    def _full_hint(self, exc: Exception) -> str:
+        """What to do when the node-local tier is full: the upload to the checkpoint service
+        reads the files written there, so the job has no new checkpoint anywhere."""
+        if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+            return ""
+        return (
+            f"; the node-local tier {self.root} is full and nothing is uploaded either: give "
+            f"it room (a larger memory volume at /dev/shm, or {node_local.ENV_ROOT} on a disk)"
+        )
 
     def _upload_loop(self) -> None:
         assert self.service is not None
@@ -1295,7 +1307,7 @@ def activate() -> Runtime | None:
     if not settings.autopatch_enabled(dict(os.environ)):
         return None
     job = os.environ[protocol.ENV_JOB]
-    default_root = Path("/dev/shm" if Path("/dev/shm").is_dir() else "/tmp") / f"lattice-{job}"
+    default_root = node_local.tier_root() / job / "standalone"  # no agent set it
     root = Path(os.environ.get(protocol.ENV_LOCAL_DIR) or default_root)
     every = settings.parse_every(os.environ.get(protocol.ENV_EVERY))
     rt = Runtime(root, os.environ.get(protocol.ENV_CONTROL_FILE), every)

@@ -8,12 +8,12 @@ what stays fixed for this agent and local rank (it may be read when torch is imp
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lattice.common.auth import job_token
+from lattice.common.node_local import tier_root
 
 # Variables the agent sets per round: never inherited from the agent's own environment.
 ROUND_VARS = (
@@ -72,16 +72,9 @@ def worker_token(token: str | None, job: str) -> str | None:
     return job_token(token, job)
 
 
-def local_tier_root() -> Path:
-    """Where every job's node-local checkpoints live: shared memory where the machine has it."""
-    shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-    return base / "lattice"
-
-
 def local_job_dir(job: str) -> Path:
     """One job's node-local checkpoints, every node of it on this machine."""
-    return local_tier_root() / job
+    return tier_root() / job
 
 
 def local_ckpt_dir(job: str, node_id: str) -> Path:

@@ -79,7 +79,7 @@ DEFAULT_RENDEZVOUS = "lattice-rendezvous.lattice-system.svc:29400"
 )
 @click.option(
     "--worker-grace",
-    default=60,
+    default=120,  # children.DEFAULT_WORKER_GRACE_S (imported lazily)
     show_default=True,
     type=click.IntRange(min=1),
     help="terminationGracePeriodSeconds of worker pods (templates may set their own)",

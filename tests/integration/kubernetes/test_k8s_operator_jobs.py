@@ -15,7 +15,13 @@ from lattice.checkpoint.client import CheckpointClient
 from lattice.common.auth import Authenticator
 from lattice.common.http import BackgroundService
 from lattice.operator.core import LABEL_INDEX, LABEL_JOB, worker_command
-from lattice.operator.kubernetes.children import FINALIZER, secret_name, service_name
+from lattice.operator.kubernetes.children import (
+    DEFAULT_WORKER_GRACE_S,
+    FINALIZER,
+    SHM_VOLUME,
+    secret_name,
+    service_name,
+)
 from lattice.rendezvous.client import AdminClient
 
 EXABITS = "exabits.ai/v1"
@@ -98,7 +104,9 @@ async def test_job_gets_wrapped_workers_service_secret_and_status(
         }
         assert spec["restartPolicy"] == "Never"
         assert spec["automountServiceAccountToken"] is False
-        assert spec["terminationGracePeriodSeconds"] == 60
+        assert spec["terminationGracePeriodSeconds"] == DEFAULT_WORKER_GRACE_S
+        assert {"name": SHM_VOLUME, "mountPath": "/dev/shm"} in container["volumeMounts"]
+        assert {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}} in spec["volumes"]
         assert spec["hostname"] == meta["name"]
         assert spec["subdomain"] == service_name("resnet")
         assert spec["tolerations"] == [{"key": "gpu", "operator": "Exists"}]

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import errno
 import random
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -74,6 +76,33 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
     rt.queue.join()
     assert (tmp_path / "step-000000000001" / "state.pt").exists()
     assert alive() is None
+
+
+def test_a_full_node_local_tier_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A container's 64 MiB /dev/shm fills at the first checkpoint: the log names the fix, the
+    half-written file is gone, and training goes on (the next write is tried again)."""
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    real = torch.save
+
+    def full(obj: object, out: Any) -> None:
+        out.write(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime.local_tier.torch, "save", full)
+    rt.queue.put((1, {"state": {"t": torch.ones(3)}}, None))
+    rt.queue.join()
+    err = capsys.readouterr().err
+    assert "checkpoint write failed" in err and f"node-local tier {tmp_path} is full" in err
+    assert "LATTICE_LOCAL_ROOT" in err
+    folder = tmp_path / "step-000000000001"
+    assert [p.name for p in folder.iterdir()] == ["round"]  # no partial file left
+    assert runtime.local_tier.steps(tmp_path) == [] or rt._valid(1) is None
+    monkeypatch.setattr(runtime.local_tier.torch, "save", real)
+    rt.queue.put((2, {"state": {"t": torch.ones(3)}}, None))
+    rt.queue.join()
+    assert runtime.local_tier.recorded(tmp_path / "step-000000000002" / "state.pt")
 
 
 def run_auto_policy(

@@ -8,6 +8,7 @@ from typing import Any
 
 from lattice.agent.options import Tuning
 from lattice.api import parse_job
+from lattice.cli.operator import operator as operator_command
 from lattice.operator.core import LABEL_INDEX, LABEL_JOB, CreateWorker, EmitEvent
 from lattice.operator.kubernetes import children
 
@@ -93,7 +94,12 @@ def test_worker_pod_wraps_only_the_training_container_and_owns_the_env() -> None
     }
     assert meta["annotations"] == {"note": "x"}
     assert meta["ownerReferences"][0]["uid"] == "u-1" and "blockOwnerDeletion" not in str(meta)
-    assert spec["volumes"] == [{"name": "data", "emptyDir": {}}]
+    shm = {"name": children.SHM_VOLUME, "emptyDir": {"medium": "Memory"}}
+    assert spec["volumes"] == [{"name": "data", "emptyDir": {}}, shm]
+    assert train["volumeMounts"] == [{"name": children.SHM_VOLUME, "mountPath": "/dev/shm"}]
+    assert "volumeMounts" not in sidecar
+    template = raw["spec"]["replicaSpecs"]["template"]["spec"]
+    assert "volumeMounts" not in template["containers"][1] and len(template["volumes"]) == 1
     assert spec["terminationGracePeriodSeconds"] == 45
     assert spec["restartPolicy"] == "Never"
 
@@ -117,9 +123,29 @@ def test_worker_pod_keeps_the_templates_own_grace_and_token_mount_choice() -> No
     assert "LATTICE_CHECKPOINT_ENDPOINT" not in names
 
 
-def test_default_grace_covers_the_agents_safe_point_and_kill() -> None:
+def test_default_grace_covers_the_agents_safe_point_and_save_grace() -> None:
     tuning = Tuning()
-    assert tuning.safepoint_timeout_s + tuning.kill_grace_s < children.DEFAULT_WORKER_GRACE_S
+    stop = tuning.safepoint_timeout_s + max(tuning.kill_grace_s, tuning.save_grace_s)
+    assert stop < children.DEFAULT_WORKER_GRACE_S
+    grace = next(p for p in operator_command.params if p.name == "worker_grace")
+    assert grace.default == children.DEFAULT_WORKER_GRACE_S  # `lattice operator`'s default
+
+
+def test_worker_pod_keeps_a_templates_own_shm_mount() -> None:
+    """A template that sizes its /dev/shm itself keeps it; no second volume is mounted."""
+    mount = {"name": "shm", "mountPath": "/dev/shm"}
+    raw = _raw(
+        template_spec={
+            "containers": [
+                {"name": "main", "image": "img", "command": ["t"], "volumeMounts": [mount]}
+            ],
+            "volumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}],
+        }
+    )
+    action = CreateWorker("ns/job", "job-worker-0", 0, ("t",), "main")
+    spec = children.worker_pod(parse_job(raw), raw, action, checkpoint_endpoint=None)["spec"]
+    assert spec["containers"][0]["volumeMounts"] == [mount]
+    assert [v["name"] for v in spec["volumes"]] == ["shm"]
 
 
 def test_service_names_are_dns_1035_labels() -> None:

@@ -27,9 +27,14 @@ MANAGED_BY = "lattice-operator"
 TOKEN_KEY = "token"
 COMPONENT = "lattice-operator"
 # The agent, on SIGTERM, waits up to 30 s for the training processes to reach a safe point and
-# checkpoint (its safepoint timeout), then SIGTERM → SIGKILL after 3 s; 60 s leaves room for
-# the upload and the agent's goodbye to the rendezvous. A template's own value is kept.
-DEFAULT_WORKER_GRACE_S = 60
+# checkpoint (its safepoint timeout), then SIGTERM → SIGKILL after 3 s, or up to 60 s for a
+# process still writing its checkpoint (its save grace); 120 s leaves room for the upload and
+# the agent's goodbye to the rendezvous. A template's own value is kept.
+DEFAULT_WORKER_GRACE_S = 120
+# Containers get a 64 MiB /dev/shm: too small for the addon's node-local checkpoints (and for
+# DataLoader workers' batches). Worker pods get a memory-backed volume there instead.
+SHM_VOLUME = "lattice-shm"
+SHM_PATH = "/dev/shm"
 # Settings the operator owns in the training container's environment (user values replaced).
 MANAGED_ENV = ("LATTICE_TOKEN", "LATTICE_NODE_ID", "LATTICE_CHECKPOINT_ENDPOINT")
 
@@ -121,7 +126,8 @@ def worker_pod(
     The training container's command becomes ``action.command`` (its args are folded into
     it), and it gets ``action.env``, the node id, the checkpoint endpoint and ``LATTICE_TOKEN``
     from the job's Secret. ``restartPolicy: Never``: the agent restarts workers inside the
-    pod, and a pod that fails is replaced by the operator, which counts it.
+    pod, and a pod that fails is replaced by the operator, which counts it. A memory volume at
+    ``/dev/shm`` holds the node-local checkpoints (`_mount_shm`).
     """
     template = job.spec.template.to_dict()
     tmeta = template.get("metadata") or {}
@@ -153,7 +159,22 @@ def worker_pod(
         }
     )
     container["env"] = env
+    _mount_shm(spec, container)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def _mount_shm(spec: Obj, container: Obj) -> None:
+    """A memory-backed ``/dev/shm`` for the training container, unless the template mounts
+    something there itself (its own size limit, say). Its use counts against the container's
+    memory limit: the node-local tier keeps the last two checkpoints."""
+    if any(m.get("mountPath") == SHM_PATH for m in container.get("volumeMounts") or []):
+        return
+    spec["volumes"] = [
+        *(spec.get("volumes") or []),
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = container.get("volumeMounts") or []
+    container["volumeMounts"] = [*mounts, {"name": SHM_VOLUME, "mountPath": SHM_PATH}]
 
 
 def event(job: Obj, action: EmitEvent, *, now: float, instance: str) -> Obj:
