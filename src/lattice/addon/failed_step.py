@@ -10,7 +10,8 @@ What the failed step did change is taken from a `Boundary` kept at each step bou
 loaders' positions, the script's counters, and versions to prove that nothing else moved
 (BatchNorm running statistics, a scheduler stepped early). Each rank's RNG state also goes to
 a node-local `RngRecords` file at every boundary (a few kilobytes, two alternating slots with a
-CRC): the rank that died left its own there for its restart, on its node.
+CRC): the rank that died left its own there for its restart, on its node; with it, at a
+boundary right after an update, the script's small CPU batch tensors (script_tensors.py).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ except ImportError:  # numpy is optional for training scripts
 KEY = "failed_step"  # marks a state file saved this way: its RNG states are in `RNG_FILE`s
 RNG_DIR = "rng"  # under the node-local root: each rank's record of its last boundary
 RNG_FILE = "rngs.pt"  # in a step's folder: every old rank's record, once a restore gathered them
-_MAGIC = b"LRNG"
+_MAGIC = b"LRN2"  # a record's payload: `join_record`
 _HEAD = struct.Struct("<4sII")  # magic, crc32 of the body, body length
 _META = struct.Struct("<qqii?")  # generation, step, rank, world, exact
 _PY_WORDS = struct.Struct("<625I")  # random's Mersenne Twister: 624 words and the index
@@ -218,6 +219,21 @@ def unpack_rng(blob: bytes) -> dict[str, Any]:
             at += size
         rng["cuda"] = states
     return rng
+
+
+_RNG_LENGTH = struct.Struct("<I")
+
+
+def join_record(rng: bytes, tensors: bytes = b"") -> bytes:
+    """A record's payload: this rank's `pack_rng` bytes and its script tensors' (may be empty)."""
+    return _RNG_LENGTH.pack(len(rng)) + rng + tensors
+
+
+def split_record(payload: bytes) -> tuple[bytes, bytes]:
+    """`join_record`'s parts: (RNG state, script tensors)."""
+    (length,) = _RNG_LENGTH.unpack_from(payload)
+    end = _RNG_LENGTH.size + length
+    return payload[_RNG_LENGTH.size : end], payload[end:]
 
 
 class RngRecords:

@@ -115,6 +115,7 @@ class Runtime:
         self.loops = loops.LoopState()  # the script's step counters and range loops
         self.tensors = script_tensors.ScriptTensors()  # the script's batches (nanoGPT's X, Y)
         self.replay_tensors: list[dict[str, Any]] = []  # restored, set at the replay
+        self._owned: set[int] | None = None  # see `_recorded_tensors`
         self.loops_due = False  # restored counters to set at the next batch fetch
         self.force = False
         self.last_control = 0.0
@@ -363,11 +364,22 @@ class Runtime:
         self.rng_after_step = blob
         self.record_s = time.perf_counter() - t0
 
-    def _write_rng(self, blob: bytes, exact: bool) -> None:
+    def _write_rng(self, blob: bytes, exact: bool, tensors: bytes = b"") -> None:
         rank = self.rank()
         if self.rng_records is None or self.rng_records.rank != rank:
             self.rng_records = failed_step.RngRecords(self.root, rank)
-        self.rng_records.write(self.generation, self.step, self.world(), blob, exact)
+        payload = failed_step.join_record(blob, tensors)
+        self.rng_records.write(self.generation, self.step, self.world(), payload, exact)
+
+    def _recorded_tensors(self) -> bytes:
+        """This rank's script tensors for its record of an after-update boundary (a dead
+        rank's are only there). Storages of the models and optimizers are looked up again
+        every `loops.EVERY_FETCH` steps: they do not move once training runs."""
+        if not self.tensors.varying:
+            return b""
+        if self._owned is None or self.step % loops.EVERY_FETCH == 0:
+            self._owned = script_tensors.owned_storages(self.models(), self._alive(self.optimizers))
+        return self.tensors.record(sys._getframe(), self._owned)
 
     def _keep_boundary(self) -> None:
         """What saving this step needs if the next one fails (failed_step.py): 100-200 µs
@@ -401,11 +413,12 @@ class Runtime:
         after_step, self.rng_after_step = self.rng_after_step, None
         if after_step is not None and blob != after_step:
             self.rng_drifts = True
+        after_update = self._after_update()
         if blob != after_step or not self.rng_settled:
-            self._write_rng(blob, exact=True)
+            tensors = self._recorded_tensors() if after_update else b""
+            self._write_rng(blob, exact=True, tensors=tensors)
         self.rng_settled = after_step is not None and not self.rng_drifts
         self.buffer_copies.keep(failed_step.buffers(self.models()))
-        after_update = self._after_update()
         states = {}
         if after_update:  # what the script steps after the update changes these: copy them
             for kind, refs in (("scheduler", self.schedulers), ("scaler", self.scalers)):
@@ -882,7 +895,9 @@ class Runtime:
             self.suppress_scheduler = True
         self.loops_due = not training
         ranks = replicated.get(script_tensors.KEY) or []
-        self.replay_tensors = ranks[self.rank()] if self.rank() < len(ranks) else []
+        self.replay_tensors = got.get(script_tensors.KEY) or (
+            ranks[self.rank()] if self.rank() < len(ranks) else []
+        )
         self.rng_to_restore, self.replay_rng = got["rng"], None
         if not training and got["rng"] is not None:
             state.restore_rng(got["rng"])
@@ -997,7 +1012,7 @@ class Runtime:
                 got = self._share(dist, step, usable.index(True), summary, got, generation)
             assert got is not None
             if got["state"].get(failed_step.KEY):
-                usable_rngs, got["rng"] = self._failed_step_rng(
+                usable_rngs, got["rng"], got[script_tensors.KEY] = self._failed_step_rng(
                     dist, step, generation, int(got["state"]["world"])
                 )
                 if not usable_rngs:
@@ -1014,8 +1029,9 @@ class Runtime:
 
     def _failed_step_rng(
         self, dist: Any, step: int, generation: int, old_world: int
-    ) -> tuple[bool, dict[str, Any] | None]:
-        """(usable, this rank's RNG state) for a step saved after a failure (failed_step.py).
+    ) -> tuple[bool, dict[str, Any] | None, list[dict[str, Any]]]:
+        """(usable, this rank's RNG state, its script tensors) for a step saved after a
+        failure (failed_step.py).
 
         Each old rank left its state in a record on its node; they are gathered from every node
         (and from the job's other node folders on each machine) and kept in the step's folder.
@@ -1034,14 +1050,16 @@ class Runtime:
                 f"step {step} was saved after a failure, but the RNG states of old rank(s) "
                 f"{missing} are gone with their node; not used"
             )
-            return False, None
+            return False, None, []
         if self.local_rank() == 0:
             try:
                 failed_step.keep_records(folder, found)
             except OSError as exc:
                 say(f"could not keep the RNG states of step {step} with it: {exc}")
-        rank = self.rank()
-        return True, (failed_step.unpack_rng(found[rank]) if rank in found else None)
+        if self.rank() not in found:
+            return True, None, []
+        rng, tensors = failed_step.split_record(found[self.rank()])
+        return True, failed_step.unpack_rng(rng), script_tensors.ScriptTensors.decode(tensors)
 
     def _share(
         self,

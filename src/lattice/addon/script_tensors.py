@@ -12,10 +12,18 @@ the same code at the same instruction when the replayed step ends.
 Only tensors that need no gradient and share no storage with the models or the optimizers (a
 batch, a best validation loss so far), up to `MAX_BYTES` per rank. A tensor the script never
 reassigns (the whole dataset in memory) is not saved: the restarted run has it already.
+
+A rank killed between checkpoints takes its tensors with it, so a failed-step save (saved by
+the survivors) has none of its own: each rank also puts its tensors, when they are on the CPU
+and small (`RECORD_MAX_BYTES`), into its node-local record of each boundary (`record`, beside
+its RNG state, failed_step.py), from which a restart of that step takes them (`decode`). A GPU
+batch is not recorded: copying it to the host at every step would stall the step.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
@@ -28,6 +36,8 @@ from lattice.addon.protocol import say
 
 KEY = "script_tensors"  # in a checkpoint's state: one list of frames per rank
 MAX_BYTES = 64 << 20
+RECORD_MAX_BYTES = 1 << 20  # per rank, copied into the node-local record at every boundary
+_HEADER = struct.Struct("<I")
 
 
 def _tensors(frame: FrameType) -> dict[str, torch.Tensor]:
@@ -76,20 +86,56 @@ class ScriptTensors:
                 if changed:
                     self.varying.setdefault(key, set()).update(changed)
 
-    def capture(self, start: FrameType | None, owned: set[int]) -> list[dict[str, Any]]:
-        """The varying tensors of the script's frames on the stack, copied to the CPU."""
-        self.observe(start)
-        saved, total = [], 0
+    def _saved(
+        self, start: FrameType | None, owned: set[int]
+    ) -> list[tuple[FrameType, dict[str, torch.Tensor]]]:
+        """The frames with tensors to save, and those tensors (see the module's docstring)."""
+        found = []
         for frame in user_frames(start):
             varying = self.varying.get(code_key(frame.f_code))
             if not varying:
                 continue
+            tensors = {
+                name: t
+                for name, t in _tensors(frame).items()
+                if name in varying
+                and not t.requires_grad
+                and not isinstance(t, nn.Parameter)
+                and t.untyped_storage().data_ptr() not in owned
+            }
+            if tensors:
+                found.append((frame, tensors))
+        return found
+
+    def record(self, start: FrameType | None, owned: set[int]) -> bytes:
+        """This boundary's tensors as bytes for the node-local record (`decode` reads them);
+        empty unless every one is on the CPU and all fit in `RECORD_MAX_BYTES`."""
+        entries, parts, total = [], [], 0
+        for frame, tensors in self._saved(start, owned):
+            described = []
+            for name, t in tensors.items():
+                size = t.numel() * t.element_size()
+                total += size
+                if t.device.type != "cpu" or total > RECORD_MAX_BYTES:
+                    return b""
+                flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                parts.append(flat.numpy().tobytes())
+                described.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), size])
+            entries.append(
+                {"code": list(code_key(frame.f_code)), "at": frame.f_lasti, "tensors": described}
+            )
+        if not entries:
+            return b""
+        header = json.dumps(entries).encode()
+        return _HEADER.pack(len(header)) + header + b"".join(parts)
+
+    def capture(self, start: FrameType | None, owned: set[int]) -> list[dict[str, Any]]:
+        """The varying tensors of the script's frames on the stack, copied to the CPU."""
+        self.observe(start)
+        saved, total = [], 0
+        for frame, found in self._saved(start, owned):
             tensors, devices = {}, {}
-            for name, t in _tensors(frame).items():
-                if name not in varying or t.requires_grad or isinstance(t, nn.Parameter):
-                    continue
-                if t.untyped_storage().data_ptr() in owned:
-                    continue
+            for name, t in found.items():
                 size = t.numel() * t.element_size()
                 if total + size > MAX_BYTES:
                     if not self.warned:
@@ -105,6 +151,42 @@ class ScriptTensors:
                     {"code": list(key), "at": frame.f_lasti, "tensors": tensors, "devices": devices}
                 )
         return saved
+
+    @staticmethod
+    def decode(blob: bytes) -> list[dict[str, Any]]:
+        """`record`'s bytes as `capture` returns them (empty for empty or unreadable bytes:
+        the record's CRC held, so only another version's record reads wrong)."""
+        if not blob:
+            return []
+        try:
+            (length,) = _HEADER.unpack_from(blob)
+            at = _HEADER.size + length
+            saved = []
+            for entry in json.loads(blob[_HEADER.size : at]):
+                tensors = {}
+                for name, dtype_name, shape, size in entry["tensors"]:
+                    dtype = getattr(torch, str(dtype_name), None)
+                    if not isinstance(dtype, torch.dtype) or at + int(size) > len(blob):
+                        return []
+                    raw = (
+                        torch.frombuffer(bytearray(blob[at : at + int(size)]), dtype=torch.uint8)
+                        if int(size)
+                        else torch.empty(0, dtype=torch.uint8)
+                    )
+                    tensors[str(name)] = raw.view(dtype).reshape([int(n) for n in shape])
+                    at += int(size)
+                devices = dict.fromkeys(tensors, "cpu")
+                saved.append(
+                    {
+                        "code": entry["code"],
+                        "at": int(entry["at"]),
+                        "tensors": tensors,
+                        "devices": devices,
+                    }
+                )
+            return saved
+        except (ValueError, KeyError, TypeError, RuntimeError, struct.error):
+            return []
 
     @staticmethod
     def apply(start: FrameType | None, saved: list[dict[str, Any]]) -> list[str]:

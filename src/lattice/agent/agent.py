@@ -46,6 +46,7 @@ from lattice.agent.workers import (
     start_worker,
     stop_workers,
 )
+from lattice.common import node_local
 from lattice.common.errors import UserError
 
 if TYPE_CHECKING:
@@ -154,6 +155,8 @@ class Agent:
         ckpt = local_ckpt_dir(opts.job, opts.node_id)
         with contextlib.suppress(OSError):
             ckpt.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if note := node_local.small_shm_note():
+            log.info("%s", note)
         self._run_dir = Path(tempfile.mkdtemp(prefix=f"lattice-{opts.job}-"))
         if opts.tuning.prewarm and self.program.mode != "exec":
             self._pool = StandbyPool(self.program, self._node_envs, self._bootstrap, self._sinks)

@@ -25,8 +25,25 @@ def tier_root(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def shm_usable() -> bool:
+    return os.access(SHM, os.W_OK) and _shm_size() >= MIN_SHM_BYTES
+
+
+def small_shm_note(environ: Mapping[str, str] | None = None) -> str | None:
+    """Why the tier is on disk though the machine has a /dev/shm (it is too small)."""
+    env = os.environ if environ is None else environ
+    size = _shm_size()
+    if env.get(ENV_ROOT) or not size or size >= MIN_SHM_BYTES:
+        return None
+    return (
+        f"node-local checkpoints go to {tier_root(env)}, not {SHM}: it has {size >> 20} MiB, "
+        f"under {MIN_SHM_BYTES >> 30} GiB (mount a memory volume there to restore at memory "
+        f"speed, or set {ENV_ROOT})"
+    )
+
+
+def _shm_size() -> int:
     try:
         stats = os.statvfs(SHM)
     except OSError:
-        return False
-    return os.access(SHM, os.W_OK) and stats.f_blocks * stats.f_frsize >= MIN_SHM_BYTES
+        return 0
+    return stats.f_blocks * stats.f_frsize

@@ -21,6 +21,7 @@ class Script:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.tensors = ScriptTensors()
         self.saved: list[dict[str, Any]] = []
+        self.recorded = b""
         self.applied: list[str] = []
 
     def hook(self, capture: bool, restore: list[dict[str, Any]] | None) -> None:
@@ -33,6 +34,7 @@ class Script:
         if capture:
             owned = script_tensors.owned_storages([self.model], [self.opt])
             self.saved = self.tensors.capture(frame, owned)
+            self.recorded = self.tensors.record(frame, owned)
 
     def run(self, steps: int, capture_at: int = -1, restore: Any = None) -> list[torch.Tensor]:
         data = torch.arange(10.0)  # the dataset in memory: never reassigned, never saved
@@ -94,3 +96,63 @@ def test_tensors_over_the_bound_are_left_out(monkeypatch: pytest.MonkeyPatch) ->
     first.run(4, capture_at=2)
     (entry,) = first.saved
     assert len(entry["tensors"]) == 1
+
+
+def test_a_boundarys_record_gives_back_what_a_checkpoint_would() -> None:
+    """A dead rank's tensors come from its node-local record (failed-step saves hold none)."""
+    first = Script()
+    first.run(5, capture_at=3)
+    (entry,) = ScriptTensors.decode(first.recorded)
+    (saved,) = first.saved
+    assert (entry["code"], entry["at"], entry["devices"]) == (
+        saved["code"],
+        saved["at"],
+        saved["devices"],
+    )
+    assert entry["tensors"].keys() == saved["tensors"].keys()
+    for name, t in saved["tensors"].items():
+        assert torch.equal(entry["tensors"][name], t) and entry["tensors"][name].dtype == t.dtype
+    replay = Script()
+    seen = replay.run(1, restore=[entry])
+    assert torch.equal(seen[0], torch.full((2,), 4.0))
+
+
+def _record_of(**tensors: torch.Tensor) -> bytes:
+    """The record of a frame whose locals are ``tensors``, all of them varying."""
+    st = ScriptTensors()
+    frame = sys._getframe()
+    frame.f_locals.update(tensors)
+    st.varying[script_tensors.code_key(frame.f_code)] = set(tensors)
+    return st.record(frame, set())
+
+
+def test_records_keep_dtype_shape_and_values() -> None:
+    wide = torch.arange(12, dtype=torch.float64).reshape(3, 4)
+    tensors = {
+        "half": torch.randn(3, dtype=torch.bfloat16),
+        "mask": torch.tensor([True, False, True]),
+        "ids": torch.randint(0, 50000, (2, 5)),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 3, dtype=torch.int32),
+        "strided": wide.t(),  # not contiguous
+    }
+    (entry,) = ScriptTensors.decode(_record_of(**tensors))
+    for name, t in tensors.items():
+        got = entry["tensors"][name]
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_nothing_is_recorded_off_the_cpu_or_over_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _record_of(x=torch.zeros(2, device="meta"), y=torch.zeros(2)) == b""
+    monkeypatch.setattr(script_tensors, "RECORD_MAX_BYTES", 15)
+    assert _record_of(x=torch.zeros(2), y=torch.zeros(2)) == b""  # 16 bytes
+    assert ScriptTensors.decode(_record_of(x=torch.zeros(2), y=torch.zeros(1)))
+
+
+@pytest.mark.parametrize(
+    "blob", [b"", b"\x05\x00\x00\x00[{}]", b"\x02\x00\x00\x00[]extra", b"\xff" * 8]
+)
+def test_an_unreadable_record_gives_nothing(blob: bytes) -> None:
+    assert ScriptTensors.decode(blob) == []  # never raises
+    good = _record_of(x=torch.zeros(4))
+    assert ScriptTensors.decode(good[:-4]) == []  # cut short
