@@ -187,9 +187,10 @@ def steps(root: Path) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step directories."""
-    for step in steps(root)[keep:]:
+def prune(root: Path, keep: int, below: int | None = None) -> None:
+    """Delete all but the newest ``keep`` step directories (of those before step ``below``:
+    the ones from it on are left alone)."""
+    for step in [s for s in steps(root) if below is None or s < below][keep:]:
         shutil.rmtree(step_dir(root, step), ignore_errors=True)
 
 

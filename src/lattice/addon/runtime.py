@@ -53,7 +53,7 @@ from lattice.common import node_local
 
 log = logging.getLogger("lattice.addon")
 
-KEEP = 2
+KEEP = 2  # node-local steps, the one being written included: the tier is memory (/dev/shm)
 # A checkpoint's key: taken at the optimizer hook, right after an update (no DataLoader pass
 # open), so a restore without a DataLoader replays its step (`restore_at_first_step`).
 AFTER_UPDATE = "after_update"
@@ -767,6 +767,9 @@ class Runtime:
         t0 = time.perf_counter()
         folder = local_tier.step_dir(self.root, step)
         if "state" in files:
+            # Room first: a third copy of the state beside the two kept would count against a
+            # memory-backed /dev/shm's limit (a pod's) while it is written.
+            local_tier.prune(self.root, KEEP - 1, below=step)
             local_tier.mark_round(folder, self.generation)
         for name, obj in files.items():
             local_tier.save(folder / f"{name}.pt", obj)

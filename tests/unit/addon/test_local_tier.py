@@ -17,6 +17,9 @@ def test_roundtrip_and_listing(tmp_path: Path) -> None:
     local_tier.prune(tmp_path, keep=2)
     assert local_tier.steps(tmp_path) == [12, 7]
     assert not list(tmp_path.rglob("*.tmp"))
+    local_tier.step_dir(tmp_path, 20).mkdir()  # another rank's piece of step 20, written first
+    local_tier.prune(tmp_path, keep=1, below=20)  # room before step 20's state: 20 stays
+    assert local_tier.steps(tmp_path) == [20, 12]
 
 
 def test_two_nodes_files_of_one_state_have_one_checksum(

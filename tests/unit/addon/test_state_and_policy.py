@@ -78,6 +78,26 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
     assert alive() is None
 
 
+def test_the_node_local_tier_never_holds_more_than_two_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In memory that counts against a pod's limit: the oldest step goes before the newest is
+    written, not after (three copies of a large state at once)."""
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    real, beside = runtime.local_tier.save, []
+
+    def save(path: Path, obj: object) -> None:
+        beside.append(runtime.local_tier.steps(tmp_path))
+        real(path, obj)
+
+    monkeypatch.setattr(runtime.local_tier, "save", save)
+    for step in range(1, 6):
+        rt.queue.put((step, {"state": {"t": torch.ones(3)}}, None))
+        rt.queue.join()
+    assert beside == [[1], [2, 1], [3, 2], [4, 3], [5, 4]]  # the one being written, one more
+    assert runtime.local_tier.steps(tmp_path) == [5, 4]
+
+
 def test_a_full_node_local_tier_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
