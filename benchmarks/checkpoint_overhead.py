@@ -12,8 +12,13 @@ same arithmetic on the plain arms is the control. The arms run one after another
 addon, plain, ...). ``--control`` gives the addon arms the addon's environment with the addon
 switched off: the ratio the method reads where the addon does no work.
 
+``--side-by-side`` runs each pair at the same time instead, each arm on a core of its own
+(one thread each, the addon's writes on its arm's core, swapping cores from pair to pair):
+the machine's drift then slows both arms alike, and the ratio is of the steps each made in
+the window where both were timing.
+
     .venv/bin/python benchmarks/checkpoint_overhead.py [--quick] [--pairs 3] [--steps 2000]
-        [--control] [--service] [--device cuda --steps 3000]
+        [--control] [--service] [--side-by-side] [--device cuda --steps 3000]
 
 Prints one JSON object as the last line.
 """
@@ -66,6 +71,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
 
             rt = runtime.current()
             sync()
+            _meet_the_other_arm()
             t_start = time.perf_counter()
         if i >= warmup:
             began.append(time.perf_counter())
@@ -83,6 +89,7 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
         "params": sum(p.numel() for p in model.parameters()),
         "steps_per_s": (steps - warmup) / elapsed,
         "step_s": [b - a for a, b in itertools.pairwise(began)],
+        "began": began,  # CLOCK_MONOTONIC: comparable between arms running side by side
     }
     if rt is not None:
         if rt.step_base:
@@ -109,6 +116,19 @@ def train(steps: int, warmup: int, width: int, depth: int, batch: int, device: s
             **restore_times(rt, model, opt),
         )
     print(json.dumps(out), flush=True)
+
+
+def _meet_the_other_arm() -> None:
+    """Side by side: start timing when the other arm does (its warm-up may be slower)."""
+    barrier = os.environ.get("BENCH_BARRIER")
+    if not barrier:
+        return
+    Path(barrier, os.environ["BENCH_ARM"]).touch()
+    deadline = time.monotonic() + 600
+    while len(list(Path(barrier).iterdir())) < 2:
+        if time.monotonic() > deadline:
+            raise SystemExit("the other arm never reached its timed steps")
+        time.sleep(0.01)
 
 
 def _in_flight(rt: Any) -> bool:
@@ -259,10 +279,63 @@ def arm(
 ) -> dict[str, Any]:
     cmd, env = arm_command(args, addon, tmp, service)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"arm failed:\n{done.stderr[-3000:]}")
-    sys.stderr.write(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _figures(done.returncode, done.stdout, done.stderr)
+
+
+def _figures(code: int, stdout: str, stderr: str) -> dict[str, Any]:
+    if code != 0:
+        raise SystemExit(f"arm failed:\n{stderr[-3000:]}")
+    sys.stderr.write(stderr)
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def side_by_side(
+    args: argparse.Namespace, tmp: Path, service: Service | None, swap: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A plain and an addon arm at the same time, each pinned to a core of its own with one
+    thread: (plain, addon)."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        raise SystemExit("--side-by-side needs two cores")
+    if swap:
+        cores.reverse()
+    procs = []
+    barrier = tmp / "barrier"
+    shutil.rmtree(barrier, ignore_errors=True)
+    barrier.mkdir(parents=True)
+    for addon, core in ((False, cores[0]), (True, cores[1])):
+        name = "addon" if addon else "plain"
+        cmd, env = arm_command(args, addon, tmp / name, service)
+        env.update(OMP_NUM_THREADS="1", BENCH_BARRIER=str(barrier), BENCH_ARM=name)
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
+            )
+        )
+    outs = [p.communicate() for p in procs]
+    plain, addon = (_figures(p.returncode, *o) for p, o in zip(procs, outs, strict=True))
+    return plain, addon
+
+
+def common_window_ratio(plain: dict[str, Any], addon: dict[str, Any]) -> float:
+    """Steps per second of the addon arm over the plain arm's, both counted in the window
+    where both were timing steps (the arm that ends first would otherwise have the machine
+    to itself for the rest)."""
+    t0 = max(plain["began"][0], addon["began"][0])
+    t1 = min(plain["began"][-1], addon["began"][-1])
+    if t1 <= t0:
+        raise SystemExit("the arms' timed steps did not overlap")
+
+    def rate(began: list[float]) -> float:
+        inside = [t for t in began if t0 <= t <= t1]
+        return (len(inside) - 1) / (inside[-1] - inside[0])
+
+    return rate(addon["began"]) / rate(plain["began"])
 
 
 def main() -> None:
@@ -280,6 +353,12 @@ def main() -> None:
         action="store_true",
         help="the addon arms get the addon's environment with LATTICE_AUTOPATCH=none (the "
         "bootstrap does nothing): the ratio the method reads where the addon does no work",
+    )
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run each pair's arms at the same time, each on a core of its own with one "
+        "thread (the machine's drift slows both alike)",
     )
     parser.add_argument("--raw", help="write every arm's figures (JSON) to this file")
     parser.add_argument(
@@ -304,21 +383,31 @@ def main() -> None:
         if args.service:
             service = Service(Path(stack.enter_context(tempfile.TemporaryDirectory())))  # disk
             stack.callback(service.close)
-        # plain, addon, plain, ..., plain: each addon arm against the mean of the plain arms
-        # on either side of it (a drift that is linear over the three cancels).
-        plains = [arm(args, addon=False, tmp=Path(d))]
-        addons = []
-        for _ in range(args.pairs):
-            addons.append(arm(args, addon=True, tmp=Path(d), service=service))
-            plains.append(arm(args, addon=False, tmp=Path(d)))
-        beside = [
-            (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2
-            for i in range(len(addons))
-        ]
-        around = [plains[i : i + 2] for i in range(len(addons))]
+        if args.side_by_side:
+            pairs = [
+                side_by_side(args, Path(d), service, swap=i % 2 == 1) for i in range(args.pairs)
+            ]
+            plains = [p for p, _ in pairs]
+            addons = [a for _, a in pairs]
+            ratios = [common_window_ratio(p, a) for p, a in pairs]
+            beside = [a["steps_per_s"] / r for a, r in zip(addons, ratios, strict=True)]
+            around = [[p] for p in plains]
+        else:
+            # plain, addon, plain, ..., plain: each addon arm against the mean of the plain
+            # arms on either side of it (a drift that is linear over the three cancels).
+            plains = [arm(args, addon=False, tmp=Path(d))]
+            addons = []
+            for _ in range(args.pairs):
+                addons.append(arm(args, addon=True, tmp=Path(d), service=service))
+                plains.append(arm(args, addon=False, tmp=Path(d)))
+            beside = [
+                (plains[i]["steps_per_s"] + plains[i + 1]["steps_per_s"]) / 2
+                for i in range(len(addons))
+            ]
+            around = [plains[i : i + 2] for i in range(len(addons))]
+            ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
     if args.raw:
         Path(args.raw).write_text(json.dumps({"plains": plains, "addons": addons}))
-    ratios = [a["steps_per_s"] / beside[i] for i, a in enumerate(addons)]
     middle = sorted(range(len(ratios)), key=lambda i: ratios[i])[len(ratios) // 2]
     with_addon = addons[middle]
     books = [
@@ -336,6 +425,7 @@ def main() -> None:
         "steps": args.steps,
         "pairs": args.pairs,
         "control": args.control,
+        "side_by_side": args.side_by_side,
         "throughput_ratios": [round(r, 4) for r in ratios],
         "steps_per_s_without": round(beside[middle], 3),
         "steps_per_s_with_addon": round(with_addon["steps_per_s"], 3),

@@ -114,10 +114,10 @@ class Launcher:
             run.kill()
 
 
-def quick_benchmark(name: str, timeout: float) -> dict[str, Any]:
+def quick_benchmark(name: str, timeout: float, *extra: str) -> dict[str, Any]:
     """Run ``benchmarks/<name>.py --quick``; the JSON object its last line prints."""
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick"],
+        [sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--quick", *extra],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -14,3 +14,9 @@ def test_quick_run_trains_both_arms_and_times_the_addons_snapshots_and_restore()
     assert result["interval_steps"] >= 1
     assert result["stall_s_mean"] > 0 and result["write_s_mean"] > 0
     assert result["restore_s_addon"] > 0 and result["restore_s_torch_load"] > 0
+
+
+def test_quick_side_by_side_run_times_both_arms_at_once() -> None:
+    result = quick_benchmark("checkpoint_overhead", 600, "--side-by-side")
+    assert result["side_by_side"] and len(result["throughput_ratios"]) == 1
+    assert result["throughput_ratios"][0] > 0 and result["interval_steps"] >= 1

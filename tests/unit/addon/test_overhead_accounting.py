@@ -83,3 +83,16 @@ def test_a_snapshot_with_too_few_quiet_steps_before_it_is_left_out(bench: Any) -
     no_room = addon_arm(0.1, 20, {5: 2}, stall=0.3, slower=0.05)
     book = bench.accounted(no_room, [{"step_s": [0.1] * 20}])
     assert book["checkpoint_costs_s"] == [] and book["accounted_pct"] is None
+
+
+def test_side_by_side_counts_only_the_window_where_both_arms_timed(bench: ModuleType) -> None:
+    """The plain arm starts 5 s earlier and ends 10 s later than the addon arm, at 10 steps/s
+    when alone and 8 steps/s beside it: only the shared window's rates are compared."""
+    alone = [i * 0.1 for i in range(50)]  # 0 .. 4.9 s, on its own
+    shared = [5.0 + i * 0.125 for i in range(81)]  # 5 .. 15 s: 8 steps/s
+    after = [15.0 + (i + 1) * 0.1 for i in range(100)]  # alone again
+    plain = {"began": alone + shared + after}
+    addon = {"began": [5.0 + i * 0.125 * 1.25 for i in range(65)]}  # 6.4 steps/s, 5 .. 15 s
+    assert bench.common_window_ratio(plain, addon) == pytest.approx(0.8, rel=0.02)
+    with pytest.raises(SystemExit):
+        bench.common_window_ratio({"began": [0.0, 1.0]}, {"began": [2.0, 3.0]})
