@@ -177,3 +177,20 @@ def test_event_points_at_the_job() -> None:
     assert event["metadata"]["namespace"] == "ns" and event["metadata"]["name"].startswith("job.")
     assert (event["type"], event["reason"], event["message"]) == ("Warning", "WorkerFailed", "boom")
     assert event["firstTimestamp"] == "1970-01-01T00:00:00Z"
+
+
+def test_a_templates_own_lattice_shm_volume_is_mounted_not_duplicated() -> None:
+    """Two volumes of one name would make the API server reject every worker pod."""
+    own = {"name": children.SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "4Gi"}}
+    raw = _raw(
+        template_spec={
+            "containers": [{"name": "main", "image": "img", "command": ["t"]}],
+            "volumes": [own],
+        }
+    )
+    action = CreateWorker("ns/job", "job-worker-0", 0, ("t",), "main")
+    spec = children.worker_pod(parse_job(raw), raw, action, checkpoint_endpoint=None)["spec"]
+    assert spec["volumes"] == [own]
+    assert spec["containers"][0]["volumeMounts"] == [
+        {"name": children.SHM_VOLUME, "mountPath": "/dev/shm"}
+    ]

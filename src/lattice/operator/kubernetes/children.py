@@ -169,10 +169,10 @@ def _mount_shm(spec: Obj, container: Obj) -> None:
     memory limit: the node-local tier keeps the last two checkpoints."""
     if any(m.get("mountPath") == SHM_PATH for m in container.get("volumeMounts") or []):
         return
-    spec["volumes"] = [
-        *(spec.get("volumes") or []),
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}},
-    ]
+    volumes = spec.get("volumes") or []
+    if all(v.get("name") != SHM_VOLUME for v in volumes):  # a template's own is kept
+        volumes = [*volumes, {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    spec["volumes"] = volumes
     mounts = container.get("volumeMounts") or []
     container["volumeMounts"] = [*mounts, {"name": SHM_VOLUME, "mountPath": SHM_PATH}]
 
