@@ -377,7 +377,9 @@ def main() -> None:
     if args.quick:
         args.pairs = 1
     with contextlib.ExitStack() as stack:
-        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        from lattice.common import node_local  # where the agent would put the tier
+
+        shm = str(node_local.SHM) if node_local.shm_usable() else None
         d = stack.enter_context(tempfile.TemporaryDirectory(dir=shm))
         service = None
         if args.service:
