@@ -165,16 +165,16 @@ class ScriptTensors:
             for entry in json.loads(blob[_HEADER.size : at]):
                 tensors = {}
                 for name, dtype_name, shape, size in entry["tensors"]:
-                    dtype = getattr(torch, str(dtype_name), None)
-                    if not isinstance(dtype, torch.dtype) or at + int(size) > len(blob):
+                    dtype, end = getattr(torch, str(dtype_name), None), at + int(size)
+                    if not isinstance(dtype, torch.dtype) or end > len(blob):
                         return []
                     raw = (
-                        torch.frombuffer(bytearray(blob[at : at + int(size)]), dtype=torch.uint8)
-                        if int(size)
+                        torch.frombuffer(bytearray(blob[at:end]), dtype=torch.uint8)
+                        if end > at
                         else torch.empty(0, dtype=torch.uint8)
                     )
                     tensors[str(name)] = raw.view(dtype).reshape([int(n) for n in shape])
-                    at += int(size)
+                    at = end
                 devices = dict.fromkeys(tensors, "cpu")
                 saved.append(
                     {

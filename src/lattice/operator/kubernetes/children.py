@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lattice.api.job import TrainingJob
+from lattice.common import node_local
 from lattice.operator.core import LABEL_JOB, CreateWorker, EmitEvent
 
 Obj = dict[str, Any]
@@ -34,7 +35,7 @@ DEFAULT_WORKER_GRACE_S = 120
 # Containers get a 64 MiB /dev/shm: too small for the addon's node-local checkpoints (and for
 # DataLoader workers' batches). Worker pods get a memory-backed volume there instead.
 SHM_VOLUME = "lattice-shm"
-SHM_PATH = "/dev/shm"
+SHM_PATH = str(node_local.SHM)
 # Settings the operator owns in the training container's environment (user values replaced).
 MANAGED_ENV = ("LATTICE_TOKEN", "LATTICE_NODE_ID", "LATTICE_CHECKPOINT_ENDPOINT")
 
