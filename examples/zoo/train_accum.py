@@ -1,5 +1,7 @@
 """Per-step scheduler, dropout and gradient accumulation (every 2 batches), Adam, DDP.
 
+``ZOO_SCHED=warmup_cosine``: linear warm-up then cosine, chained by ``SequentialLR``.
+
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
 
@@ -25,7 +27,17 @@ def main() -> None:
     net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
     model = DistributedDataParallel(net)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.97)
+    if os.environ.get("ZOO_SCHED") == "warmup_cosine":  # a scheduler holding two others
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt,
+            [
+                torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4),
+                torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20),
+            ],
+            milestones=[4],
+        )
+    else:
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.97)
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "64")))
     sampler = DistributedSampler(data, shuffle=True, seed=3)
     loader = DataLoader(data, batch_size=4, sampler=sampler)

@@ -4,7 +4,8 @@ A ``while iter_num < N`` loop at module level, with ``ZOO_LOOP=range`` a ``for i
 loop (the "let's build GPT" script's), with ``ZOO_LOOP=prefetch`` nanoGPT's own loop (the next
 batch drawn right after the forward, into module globals), random batch indices from
 the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over
-gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps.
+gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps;
+with ``ZOO_COMPILE=1`` the model is ``torch.compile``d before DDP wraps it, as nanoGPT does.
 Unmodified: knows nothing about Lattice.
 """
 
@@ -28,7 +29,8 @@ data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
 model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
 opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
-net = DistributedDataParallel(model) if world > 1 else model
+compiled = torch.compile(model) if os.environ.get("ZOO_COMPILE") == "1" else model  # nanoGPT's
+net = DistributedDataParallel(compiled) if world > 1 else compiled
 torch.manual_seed(100 + rank)  # each rank draws its own batches
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
+import torch
+
 CodeKey = tuple[str, str, int]
 EVERY_FETCH = 16  # after the first ones, fetches observed (1 in N; checkpoints always observe)
 
@@ -321,26 +323,28 @@ class LoopState:
         return done, missed
 
 
-class _RangeType(type):
-    """``isinstance(x, range)`` keeps working in a script that sees the resuming ``range``."""
+class _ResumingRange:
+    """The script module's ``range``: an object, not a class, so that ``torch.compile`` inlines
+    a call to it without a graph break (dynamo cannot build an instance of a class whose
+    ``__new__`` returns another type); ``isinstance(x, range)`` keeps working."""
 
-    def __instancecheck__(cls, obj: object) -> bool:
+    def __init__(self, state: LoopState) -> None:
+        self._state = state
+
+    def __call__(self, *args: Any) -> builtins.range:
+        made = builtins.range(*args)
+        if torch.compiler.is_compiling():  # a loop in a compiled forward: not a step loop
+            return made
+        return self._state.resume_range(sys._getframe(1), made)
+
+    def __instancecheck__(self, obj: object) -> bool:
         return isinstance(obj, builtins.range)
 
-    def __subclasscheck__(cls, sub: type) -> bool:
+    def __subclasscheck__(self, sub: type) -> bool:
         return issubclass(sub, builtins.range)
 
 
 def install_range(main_globals: dict[str, Any], state: LoopState) -> None:
     """Give the script's module a ``range`` that resumes restored step loops (see above)."""
-
-    class range(metaclass=_RangeType):  # stands in for the builtin, by design
-        __doc__ = builtins.range.__doc__
-
-        def __new__(cls, *args: Any) -> builtins.range:  # type: ignore[misc]
-            made = builtins.range(*args)
-            caller = sys._getframe(1)
-            return state.resume_range(caller, made)
-
     if "range" not in main_globals:
-        main_globals["range"] = range
+        main_globals["range"] = _ResumingRange(state)

@@ -35,7 +35,7 @@ def patch_torch(rt: Runtime) -> None:
     )
 
     track_init(torch.optim.Optimizer, rt.optimizers)
-    track_init(torch.optim.lr_scheduler.LRScheduler, rt.schedulers)
+    patch_schedulers(rt)
     track_init(torch.amp.GradScaler, rt.scalers)
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
 
@@ -55,15 +55,6 @@ def patch_torch(rt: Runtime) -> None:
     register_optimizer_step_pre_hook(pre_step)
     register_optimizer_step_post_hook(post_step)
 
-    sched_step = torch.optim.lr_scheduler.LRScheduler.step
-
-    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if rt.suppress_scheduler:
-            return None  # a fast-forwarded epoch: the restored scheduler already holds it
-        return sched_step(self, *args, **kwargs)
-
-    torch.optim.lr_scheduler.LRScheduler.step = step  # type: ignore[method-assign]
-
     loader_iter = DataLoader.__iter__
 
     def __iter__(self: DataLoader) -> Any:
@@ -72,6 +63,47 @@ def patch_torch(rt: Runtime) -> None:
     DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
     data.patch_samplers()
     patch_ddp_teardown()
+
+
+def patch_schedulers(rt: Runtime) -> None:
+    """Every LR scheduler is tracked, and its ``step`` does nothing in a fast-forwarded epoch.
+
+    Patching ``LRScheduler`` alone misses some: ``SequentialLR``, ``ChainedScheduler`` and
+    ``ReduceLROnPlateau`` never call ``LRScheduler.__init__`` (they were not saved at all),
+    and they and ``CosineAnnealingWarmRestarts`` define their own ``step``. So the
+    ``__init__`` and ``step`` that each subclass defines are patched too, those of subclasses
+    defined later (a script's own scheduler) as they are defined.
+    """
+    base = torch.optim.lr_scheduler.LRScheduler
+
+    def guarded(step: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if rt.suppress_scheduler:
+                return None  # a fast-forwarded epoch: the restored scheduler already holds it
+            return step(self, *args, **kwargs)
+
+        wrapper.__doc__, wrapper.__name__ = step.__doc__, step.__name__
+        return wrapper
+
+    def patch(cls: type) -> None:
+        if "__init__" in cls.__dict__:
+            track_init(cls, rt.schedulers)
+        if "step" in cls.__dict__:
+            cls.step = guarded(cls.__dict__["step"])  # type: ignore[attr-defined]
+
+    pending, seen = [base], set()
+    while pending:
+        cls = pending.pop()
+        if cls not in seen:
+            seen.add(cls)
+            patch(cls)
+            pending.extend(cls.__subclasses__())
+
+    def __init_subclass__(cls: type, **kwargs: Any) -> None:
+        super(base, cls).__init_subclass__(**kwargs)
+        patch(cls)
+
+    base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]
 
 
 DDP_TEARDOWN_YIELD_S = 0.2

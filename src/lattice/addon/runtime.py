@@ -20,7 +20,6 @@ import queue
 import sys
 import threading
 import time
-import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +57,14 @@ KEEP = 2  # node-local steps, the one being written included: the tier is memory
 # open), so a restore without a DataLoader replays its step (`restore_at_first_step`).
 AFTER_UPDATE = "after_update"
 CONTROL_POLL_S = 0.05
-WRAPPERS = {"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel"}
+# Modules that wrap the user's model: the model inside is saved, so a checkpoint's keys do
+# not depend on them (a run restarted without torch.compile, or on one process, still loads).
+WRAPPERS = {
+    "DistributedDataParallel",
+    "DataParallel",
+    "FullyShardedDataParallel",
+    "OptimizedModule",
+}
 
 
 @dataclass
@@ -218,9 +224,9 @@ class Runtime:
         if not order:
             return []
         owners = []
-        with warnings.catch_warnings():  # isinstance on deprecated lazy module attributes warns
-            warnings.simplefilter("ignore")
-            candidates = [obj for obj in gc.get_objects() if isinstance(obj, nn.Module)]
+        # By type, not isinstance: that reads ``obj.__class__``, which a dead weakref.proxy
+        # (torch.compile leaves some) raises ReferenceError for, and a lazy module warns for.
+        candidates = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
         for obj in candidates:
             if type(obj).__name__ not in WRAPPERS:
                 keys = [order[id(p)] for p in obj.parameters() if id(p) in order]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from lattice.addon import local_tier
 from lattice.addon.local_tier import step_dir
 from lattice.addon.protocol import CHECKPOINT_AND_EXIT, SAFEPOINT_EXIT
 
@@ -16,6 +18,8 @@ from .harness import TEARDOWN_ABORT, Launcher, bitwise_equal, id_lines, params, 
 CASES = [
     ("train_epochs.py", 2, 8, {}),  # epoch loop, set_epoch, per-epoch scheduler
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
+    # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
+    ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),
     ("train_workers.py", 1, 17, {}),  # num_workers=2, RandomSampler
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
@@ -223,3 +227,21 @@ def test_a_script_without_a_dataloader_resumes_exactly(
     assert exact
     # The replayed step was not counted: the last checkpoint is the last step's.
     assert max(int(p.name[5:]) for p in launcher.local_dir(0).glob("step-*")) == steps
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile (inductor) needs g++")
+@pytest.mark.parametrize(("loop", "world", "kill_after"), [("prefetch", 1, 13), ("while", 2, 11)])
+def test_a_torch_compiled_model_resumes_exactly(
+    launcher: Launcher, loop: str, world: int, kill_after: int
+) -> None:
+    """nanoGPT compiles its model (``torch.compile``, inductor) before DDP wraps it. Killed
+    with -9 and restarted: bitwise equal; the checkpoint holds the model inside the compiled
+    wrapper (no ``_orig_mod.`` in its keys: a run restarted without compile loads it too)."""
+    log, exact = kill_and_restart(
+        launcher, "train_getbatch.py", world, kill_after, ZOO_LOOP=loop, ZOO_COMPILE="1"
+    )
+    assert "restored step" in log
+    assert exact
+    newest = max(launcher.local_dir(0).glob("step-*"))
+    keys = list(local_tier.load(newest / "state.pt")["model.0"])
+    assert keys == ["0.weight", "0.bias", "3.weight", "3.bias"]

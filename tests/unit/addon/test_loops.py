@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
+import torch
+
 from lattice.addon import loops
 
 
@@ -110,6 +112,18 @@ def test_a_while_counter_is_saved_and_set_back_at_the_first_fetch() -> None:
     probe = Probe(restored, apply=True)
     assert script(6, capture_at=None) == 6  # set to 5 at the first fetch: one more step
     assert probe.applied == (["step=5"], [])
+
+
+def test_a_compiled_forward_calls_the_scripts_range_without_a_graph_break() -> None:
+    """A model defined in the main script loops with its ``range`` in ``forward``: under
+    ``torch.compile(fullgraph=True)`` that must trace (a break would fail that compile, and
+    slow any other)."""
+    main: dict[str, Any] = {}
+    exec("def forward(x):\n    for i in range(3):\n        x = x + i\n    return x\n", main)
+    loops.install_range(main, loops.LoopState())
+    compiled = torch.compile(main["forward"], fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(2)), torch.full((2,), 3.0))
+    assert issubclass(builtins.range, main["range"])
 
 
 def test_a_range_step_loop_is_resumed_by_its_range_call() -> None:

@@ -78,6 +78,27 @@ def test_the_writer_lets_go_of_a_snapshot_once_written(tmp_path: Path) -> None:
     assert alive() is None
 
 
+def test_the_model_saved_is_the_one_inside_torch_compile(tmp_path: Path) -> None:
+    """A checkpoint's keys do not depend on ``torch.compile`` (``_orig_mod.`` prefixes): a run
+    restarted without it loads. A dead ``weakref.proxy`` on the heap (torch.compile leaves
+    them; ``isinstance`` on one raises ReferenceError) does not break the search."""
+
+    class Gone:
+        pass
+
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    rt.optimizers.append(weakref.ref(opt))
+    gone = Gone()
+    dead = weakref.proxy(gone)
+    del gone
+    assert rt.models() == [model]
+    assert list(rt.objects()["model.0"].state_dict()) == ["0.weight", "0.bias"]
+    assert compiled is not None and dead is not None
+
+
 def test_the_node_local_tier_never_holds_more_than_two_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
