@@ -1,19 +1,48 @@
 """Epoch loop: DDP, DistributedSampler.set_epoch, SGD with momentum, per-epoch StepLR.
 
+``ZOO_SAMPLER=bucket``: a batch sampler of the script's own instead (batches of similar
+"length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
+
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from _zoo import IdDataset, log_batch, save_params
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of ids with the same ``id % 3`` (a stand-in for length), in an order drawn from
+    the seed and the epoch; rank r takes every world-th batch."""
+
+    def __init__(self, n: int, batch: int, seed: int) -> None:
+        self.n, self.batch, self.seed, self.epoch = n, batch, seed, 0
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = sorted(torch.randperm(self.n, generator=g).tolist(), key=lambda i: i % 3)
+        batches = [order[i : i + self.batch] for i in range(0, self.n, self.batch)]
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+        return batches[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:  # a generator, like most samplers
+        yield from self._batches()
+
+    def __len__(self) -> int:
+        return len(self._batches())
 
 
 def main() -> None:
@@ -24,8 +53,13 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
-    sampler = DistributedSampler(data, shuffle=True, seed=7)
-    loader = DataLoader(data, batch_size=int(os.environ.get("ZOO_BATCH", "4")), sampler=sampler)
+    batch = int(os.environ.get("ZOO_BATCH", "4"))
+    if os.environ.get("ZOO_SAMPLER") == "bucket":
+        sampler = BucketBatchSampler(len(data), batch, seed=7)
+        loader = DataLoader(data, batch_sampler=sampler)
+    else:
+        sampler = DistributedSampler(data, shuffle=True, seed=7)
+        loader = DataLoader(data, batch_size=batch, sampler=sampler)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         sampler.set_epoch(epoch)
         for ids, x, y in loader:

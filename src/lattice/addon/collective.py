@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -11,6 +12,12 @@ def dist() -> Any:
     import torch.distributed as dist
 
     return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world() -> int:
+    """The group's size; before the group exists, the one the launcher gave."""
+    group = dist()
+    return group.get_world_size() if group else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def all_max(dist: Any, value: int) -> int:

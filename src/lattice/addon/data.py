@@ -3,17 +3,31 @@
 With the sampler's strided split, the samples consumed in a pass are a prefix of the pass's
 global order. A restored pass skips that prefix by sampler index (no data is loaded for it) and
 re-splits the remainder over the current world size, padded like `DistributedSampler` pads.
+
+A loader whose indices come from a sampler or batch sampler of its own (bucketing by length, a
+custom distributed sampler) is resumed by count instead: each rank's index stream skips the
+batches that rank had taken (indices only, no data read). That is exact when the pass's order is
+the same as the first time (a sampler seeded by its epoch) and the world size has not changed.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+)
 from torch.utils.data.distributed import DistributedSampler
+
+from lattice.addon import collective
 
 
 @dataclass
@@ -27,6 +41,10 @@ class Position:
     # Passes during which optimizer steps were made, as [first, last] ranges; None (a
     # checkpoint from before this was recorded): every pass counts as one with steps.
     stepped: list[list[int]] | None = None
+    # Resumed by count (`index_source` is None): the batches each rank had taken, and the
+    # world size then; ``consumed`` is 0.
+    batches: int | None = None
+    world: int = 1
 
     def had_steps(self, pass_index: int) -> bool:
         """Whether the restored state holds steps made during pass ``pass_index``."""
@@ -41,6 +59,8 @@ class Position:
             "done": self.done,
             "order": torch.tensor(self.order, dtype=torch.int64) if self.order else None,
             "stepped": [list(r) for r in self.stepped] if self.stepped is not None else None,
+            "batches": self.batches,
+            "world": self.world,
         }
 
     @classmethod
@@ -53,6 +73,8 @@ class Position:
             bool(raw["done"]),
             order.tolist() if order is not None else None,
             [[int(a), int(b)] for a, b in stepped] if stepped is not None else None,
+            int(raw["batches"]) if raw.get("batches") is not None else None,
+            int(raw.get("world", 1)),
         )
 
 
@@ -63,7 +85,9 @@ class LoaderTrack:
     index: int
     passes: int = 0  # __iter__ calls so far
     yielded: int = 0  # batches handed to the loop in the current pass
-    base: int = 0  # global samples already consumed when the current pass (re)started
+    # Already consumed when the current pass (re)started: global samples, or this rank's
+    # batches for a loader resumed by count.
+    base: int = 0
     done: bool = False
     resume: Position | None = None  # set on restore; consumed by the matching pass
     stepped: list[list[int]] = field(default_factory=list)  # see Position.stepped
@@ -83,13 +107,32 @@ class LoaderTrack:
             self.stepped.append([current, current])
 
     def position(self, loader: DataLoader) -> Position:
-        sampler = getattr(loader, "sampler", None)
+        sampler, batch = index_source(loader)
+        stepped = [list(r) for r in self.stepped]
+        pass_index = max(self.passes - 1, 0)
+        if sampler is None:
+            count = self.base + self.yielded
+            return Position(pass_index, 0, self.done, None, stepped, count, collective.world())
         world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
-        batch = loader.batch_size or 1
         consumed = self.base + self.yielded * batch * world
         order = getattr(sampler, "_lattice_order", None)
-        stepped = [list(r) for r in self.stepped]
-        return Position(max(self.passes - 1, 0), consumed, self.done, order, stepped)
+        return Position(pass_index, consumed, self.done, order, stepped)
+
+
+KNOWN = (DistributedSampler, RandomSampler, SequentialSampler)
+
+
+def index_source(loader: DataLoader) -> tuple[Any, int]:
+    """The sampler whose order a pass follows, if it is one resumed by sample index, and the
+    samples per batch; (None, 0) for any other (a custom sampler or batch sampler)."""
+    batches = loader.batch_sampler
+    if batches is None:  # no automatic batching: each index is an item
+        sampler, per = loader.sampler, 1
+    elif isinstance(batches, BatchSampler) and type(batches).__iter__ is BatchSampler.__iter__:
+        sampler, per = batches.sampler, batches.batch_size
+    else:
+        return None, 0
+    return (sampler, per) if isinstance(sampler, KNOWN) else (None, 0)
 
 
 def _split(remaining: list[int], sampler: DistributedSampler) -> list[int]:
@@ -144,10 +187,43 @@ def patch_samplers() -> None:
     _patch_sampler(SequentialSampler, record_order=False)
 
 
-def arm_skip(loader: DataLoader, position: Position) -> bool:
-    """Make the loader's next pass start after ``position.consumed`` samples; False if unknown."""
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler | RandomSampler | SequentialSampler):
-        return False
-    sampler._lattice_skip = (position.consumed, position.order)  # type: ignore[union-attr]
-    return True
+def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | None]:
+    """Make the loader's next pass start where ``position`` stood, reading no data for what it
+    skips: (what the pass starts from, in `LoaderTrack.base`'s unit, or None when it starts
+    over; what the log should say, or None when the resume is exact)."""
+    sampler, _ = index_source(loader)
+    if sampler is not None and position.batches is None:
+        sampler._lattice_skip = (position.consumed, position.order)
+        return position.consumed, None
+    iterable = isinstance(loader.dataset, IterableDataset)
+    if sampler is not None or position.batches is None or iterable:
+        return None, (
+            "this DataLoader cannot resume mid-pass (an IterableDataset, or its sampler is not "
+            "the one checkpointed); restarting the pass"
+        )
+    stream = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    _patch_count_skip(type(stream))
+    stream._lattice_skip_batches = position.batches
+    world = collective.world()
+    if position.world == world:
+        return position.batches, None
+    return position.batches, (
+        f"this DataLoader's sampler is resumed by count ({position.batches} batches per rank) "
+        f"but the world size changed ({position.world} -> {world}): samples of this pass may "
+        "repeat or be missed"
+    )
+
+
+def _patch_count_skip(cls: type) -> None:
+    """A sampler or batch sampler of the script's own skips its first items once, if told to."""
+    original: Callable[[Any], Iterator[Any]] = cls.__iter__
+    if getattr(original, "_lattice_count", False):
+        return
+
+    def __iter__(self: Any) -> Iterator[Any]:
+        skip = self.__dict__.pop("_lattice_skip_batches", 0)
+        stream = original(self)
+        return itertools.islice(stream, skip, None) if skip else stream
+
+    __iter__._lattice_count = True  # type: ignore[attr-defined]
+    cls.__iter__ = __iter__  # type: ignore[method-assign]

@@ -187,8 +187,7 @@ class Runtime:
 
     @staticmethod
     def world() -> int:
-        dist = collective.dist()
-        return dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", "1"))
+        return collective.world()
 
     @staticmethod
     def local_rank() -> int:
@@ -1276,11 +1275,10 @@ class Runtime:
             if at_checkpoint:
                 self._restore_rng()
             return iter(())
-        resuming = data.arm_skip(loader, resume)
-        if resuming:
-            track.base = resume.consumed
-        else:
-            say("this DataLoader's sampler cannot resume mid-pass; restarting the pass")
+        start, note = data.arm_skip(loader, resume)
+        if note is not None:
+            say(note)
+        track.base = start or 0
         iterator = original(loader)
         self._restore_rng()  # after the iterator drew its order: the checkpoint's state
         return self._counting(iterator, track)

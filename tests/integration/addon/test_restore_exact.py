@@ -17,6 +17,8 @@ from .harness import TEARDOWN_ABORT, Launcher, bitwise_equal, id_lines, params, 
 # script, world size, batches logged (by rank 0) before the kill, environment
 CASES = [
     ("train_epochs.py", 2, 8, {}),  # epoch loop, set_epoch, per-epoch scheduler
+    # a batch sampler of the script's own (length bucketing), resumed by count
+    ("train_epochs.py", 2, 8, {"ZOO_SAMPLER": "bucket"}),
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),

@@ -1,0 +1,100 @@
+"""Which sampler a DataLoader pass follows, and resuming a pass by count (`addon/data.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    TensorDataset,
+)
+from torch.utils.data.distributed import DistributedSampler
+
+from lattice.addon import data
+
+DATASET = TensorDataset(torch.arange(24))
+
+
+class Buckets(Sampler[list[int]]):
+    """A batch sampler of a script's own: fixed batches, in an order that depends on nothing
+    but the sampler."""
+
+    def __init__(self) -> None:
+        self.batches = [[i, i + 12] for i in range(12)][::-1]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class Evens(Sampler[int]):
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(0, 24, 2))
+
+    def __len__(self) -> int:
+        return 12
+
+
+def test_the_sampler_a_pass_follows_is_found_behind_a_batch_sampler() -> None:
+    shuffled = DataLoader(DATASET, batch_size=4, shuffle=True)
+    assert data.index_source(shuffled) == (shuffled.sampler, 4)
+    split = DistributedSampler(DATASET, num_replicas=2, rank=1)
+    # The DataLoader's own `sampler` is then a default one that is never iterated.
+    wrapped = DataLoader(DATASET, batch_sampler=BatchSampler(split, 3, drop_last=False))
+    assert data.index_source(wrapped) == (split, 3)
+    unbatched = DataLoader(DATASET, batch_size=None)
+    assert data.index_source(unbatched) == (unbatched.sampler, 1)
+    assert isinstance(unbatched.sampler, SequentialSampler)
+    assert data.index_source(DataLoader(DATASET, batch_sampler=Buckets())) == (None, 0)
+    assert data.index_source(DataLoader(DATASET, batch_size=2, sampler=Evens())) == (None, 0)
+    assert isinstance(RandomSampler(DATASET), data.KNOWN)
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        DataLoader(DATASET, batch_sampler=Buckets()),
+        DataLoader(DATASET, batch_size=2, sampler=Evens()),
+    ],
+    ids=["batch_sampler", "sampler"],
+)
+def test_a_scripts_own_sampler_resumes_by_count(loader: DataLoader) -> None:
+    whole = [b[0].tolist() for b in loader]
+    track = data.LoaderTrack(index=0, passes=1, yielded=5)
+    saved = data.Position.from_state(track.position(loader).to_state())
+    assert (saved.batches, saved.world, saved.consumed) == (5, 1, 0)
+    assert data.arm_skip(loader, saved) == (5, None)
+    assert [b[0].tolist() for b in loader] == whole[5:]  # no batch of the 5 is loaded
+    assert [b[0].tolist() for b in loader] == whole  # once: the next pass is whole
+    # the next checkpoint in the resumed pass counts from where it started
+    track.base, track.yielded = 5, 2
+    assert track.position(loader).batches == 7
+
+
+def test_resuming_by_count_at_another_world_size_says_so() -> None:
+    loader = DataLoader(DATASET, batch_sampler=Buckets())
+    start, note = data.arm_skip(loader, data.Position(0, 0, False, batches=3, world=2))
+    assert start == 3
+    assert note is not None and "world size changed (2 -> 1)" in note
+
+
+def test_a_pass_that_cannot_be_skipped_starts_over() -> None:
+    # checkpointed by sample index, the loader now has a sampler of the script's own
+    loader = DataLoader(DATASET, batch_sampler=Buckets())
+    start, note = data.arm_skip(loader, data.Position(0, 8, False))
+    assert start is None and note is not None and "restarting the pass" in note
+    assert len(list(loader)) == 12
+
+
+def test_a_position_saved_before_counts_existed_reads_as_by_index() -> None:
+    old = {"pass": 1, "consumed": 8, "done": False, "order": None, "stepped": [[0, 1]]}
+    got = data.Position.from_state(old)
+    assert (got.consumed, got.batches, got.world) == (8, None, 1)
