@@ -18,7 +18,9 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
-    loader = DataLoader(data, batch_size=4, shuffle=True, num_workers=2)
+    # ZOO_GENERATOR=1: the shuffle draws from a generator of the script's own, for reproducibility
+    seeded = torch.Generator().manual_seed(42) if os.environ.get("ZOO_GENERATOR") == "1" else None
+    loader = DataLoader(data, batch_size=4, shuffle=True, num_workers=2, generator=seeded)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         for ids, x, y in loader:
             log_batch(0, epoch, ids)

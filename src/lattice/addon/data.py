@@ -45,6 +45,10 @@ class Position:
     # world size then; ``consumed`` is 0.
     batches: int | None = None
     world: int = 1
+    counter: int | None = None  # an adapter's own pass counter then (`LoaderTrack.counter`)
+    # The state of the RandomSampler's own generator (``DataLoader(generator=g)``, accelerate's
+    # synchronized one) after the pass drew its order: the next pass draws from it.
+    generator: torch.Tensor | None = None
 
     def had_steps(self, pass_index: int) -> bool:
         """Whether the restored state holds steps made during pass ``pass_index``."""
@@ -61,6 +65,8 @@ class Position:
             "stepped": [list(r) for r in self.stepped] if self.stepped is not None else None,
             "batches": self.batches,
             "world": self.world,
+            "counter": self.counter,
+            "generator": self.generator,
         }
 
     @classmethod
@@ -75,6 +81,8 @@ class Position:
             [[int(a), int(b)] for a, b in stepped] if stepped is not None else None,
             int(raw["batches"]) if raw.get("batches") is not None else None,
             int(raw.get("world", 1)),
+            int(raw["counter"]) if raw.get("counter") is not None else None,
+            raw.get("generator"),
         )
 
 
@@ -91,7 +99,8 @@ class LoaderTrack:
     done: bool = False
     resume: Position | None = None  # set on restore; consumed by the matching pass
     stepped: list[list[int]] = field(default_factory=list)  # see Position.stepped
-    extra: dict[str, Any] = field(default_factory=dict)
+    # An adapter around a DataLoader (accel.py) that counts its passes in this attribute.
+    counter: str | None = None
 
     def take_resume(self, position: Position) -> None:
         self.resume = position
@@ -109,17 +118,24 @@ class LoaderTrack:
     def position(self, loader: DataLoader) -> Position:
         sampler, batch = index_source(loader)
         stepped = [list(r) for r in self.stepped]
-        pass_index = max(self.passes - 1, 0)
+        at = Position(max(self.passes - 1, 0), 0, self.done, None, stepped)
+        if self.counter is not None:
+            at.counter = getattr(loader, self.counter, None)
+        drawn = random_sampler(loader)  # the pass's order came from a random draw
+        if drawn is not None:
+            at.order = getattr(drawn, "_lattice_order", None)
+            if drawn.generator is not None:
+                at.generator = drawn.generator.get_state()
         if sampler is None:
-            count = self.base + self.yielded
-            return Position(pass_index, 0, self.done, None, stepped, count, collective.world())
-        world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
-        consumed = self.base + self.yielded * batch * world
-        order = getattr(sampler, "_lattice_order", None)
-        return Position(pass_index, consumed, self.done, order, stepped)
+            at.batches, at.world = self.base + self.yielded, collective.world()
+        else:
+            world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
+            at.consumed = self.base + self.yielded * batch * world
+        return at
 
 
 KNOWN = (DistributedSampler, RandomSampler, SequentialSampler)
+INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.py)
 
 
 def index_source(loader: DataLoader) -> tuple[Any, int]:
@@ -204,6 +220,9 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     stream = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     _patch_count_skip(type(stream))
     stream._lattice_skip_batches = position.batches
+    drawn = random_sampler(loader)
+    if drawn is not None and position.order is not None:
+        drawn._lattice_skip = (0, position.order)  # the pass's order again, not a new draw
     world = collective.world()
     if position.world == world:
         return position.batches, None
@@ -212,6 +231,29 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
         f"but the world size changed ({position.world} -> {world}): samples of this pass may "
         "repeat or be missed"
     )
+
+
+def random_sampler(loader: DataLoader) -> RandomSampler | None:
+    """The RandomSampler a pass's indices come from, directly or through batch samplers (a
+    script's own, accelerate's ``BatchSamplerShard``): its order is a new draw each pass, so
+    the checkpoint keeps it, and the state of its generator."""
+    node: Any = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    for _ in range(4):
+        if isinstance(node, RandomSampler):
+            return node
+        node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
+    return None
+
+
+def generator_state(loader: DataLoader, position: Position) -> Callable[[], None] | None:
+    """Sets the resumed pass's sampler generator to its state at the checkpoint; to be called
+    once the pass's iterator is made (making it draws the workers' seed from that generator)."""
+    drawn = random_sampler(loader)
+    generator = drawn.generator if drawn is not None else None
+    if generator is None or position.generator is None:
+        return None
+    saved = position.generator
+    return lambda: generator.set_state(saved)
 
 
 def _patch_count_skip(cls: type) -> None:

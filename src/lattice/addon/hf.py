@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.abc
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lattice.addon import imports
 
 TRAINER_MODULE = "transformers.trainer"
 STATE_KEY = "trainer.state"
@@ -150,37 +149,6 @@ def patch(rt: Any, module: Any) -> None:
     trainer_cls.train = train
 
 
-class _TrainerImportHook(importlib.abc.MetaPathFinder):
-    """Patches ``transformers.trainer`` right after the module finishes executing."""
-
-    def __init__(self, rt: Any) -> None:
-        self.rt = rt
-
-    def find_spec(self, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
-        if fullname != TRAINER_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None:
-            return spec
-        original = spec.loader.exec_module
-        rt = self.rt
-
-        def exec_module(module):  # type: ignore[no-untyped-def]
-            original(module)
-            try:
-                patch(rt, module)
-            except Exception as exc:  # training goes on without Trainer support
-                rt.say(f"transformers.Trainer not patched: {exc!r}")
-
-        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
-        return spec
-
-
 def install(rt: Any) -> None:
     """Patch Trainer now if ``transformers.trainer`` is imported, else when it is."""
-    module = sys.modules.get(TRAINER_MODULE)
-    if module is not None and hasattr(module, "Trainer"):
-        patch(rt, module)
-    else:
-        sys.meta_path.insert(0, _TrainerImportHook(rt))
+    imports.when_imported(TRAINER_MODULE, "Trainer", functools.partial(patch, rt), rt.say)

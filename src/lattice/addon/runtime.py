@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lattice.addon import (
+    accel,
     collective,
     data,
     failed_step,
@@ -118,6 +120,8 @@ class Runtime:
         self.suppress_scheduler = False
         self.rng_to_restore: dict[str, Any] | None = None
         self.resume_positions: list[data.Position] = []
+        self.rng_inner_due = False  # the resumed pass's RNG waits for its inner DataLoader
+        self.generator_to_restore: Callable[[], None] | None = None  # its sampler's generator
         self.loops = loops.LoopState()  # the script's step counters and range loops
         self.tensors = script_tensors.ScriptTensors()  # the script's batches (nanoGPT's X, Y)
         self.replay_tensors: list[dict[str, Any]] = []  # restored, set at the replay
@@ -1237,12 +1241,16 @@ class Runtime:
         self.boundary()
 
     # data loader -------------------------------------------------------------------------
-    def loader_iter(self, loader: DataLoader, original: Any) -> Any:
+    def loader_iter(self, loader: DataLoader, original: Any, counter: str | None = None) -> Any:
+        """A pass of ``loader`` (``DataLoader.__iter__``). ``counter``: ``loader`` is an adapter
+        that iterates a DataLoader lazily, counting its passes in that attribute (accel.py)."""
         if self.trainer is not None:
             return original(loader)  # Trainer's loop: its own data position (hf.py)
+        if loader.__dict__.get(data.INNER):
+            return self.inner_pass(original(loader))
         track: data.LoaderTrack | None = loader.__dict__.get("_lattice_track")
         if track is None:
-            track = data.LoaderTrack(index=len(self.loaders))
+            track = data.LoaderTrack(index=len(self.loaders), counter=counter)
             loader._lattice_track = track  # type: ignore[attr-defined]
             self.loaders.append(weakref.ref(loader))
             resumes = self.resume_positions
@@ -1269,6 +1277,8 @@ class Runtime:
             track.resume = None
             self.suppress_scheduler = False
             self.loops_due = True
+            if track.counter is not None and resume.counter is not None:
+                setattr(loader, track.counter, resume.counter)
         if not at_checkpoint or resume.done:
             # Its steps are in the restored state: the loop sees no batch of it.
             track.done = True
@@ -1279,9 +1289,27 @@ class Runtime:
         if note is not None:
             say(note)
         track.base = start or 0
+        self.generator_to_restore = data.generator_state(loader, resume)
         iterator = original(loader)
-        self._restore_rng()  # after the iterator drew its order: the checkpoint's state
+        if track.counter is None:
+            self._restore_rng()  # after the iterator drew its order: the checkpoint's state
+        else:
+            self.rng_inner_due = True  # the adapter's DataLoader is iterated later (inner_pass)
         return self._counting(iterator, track)
+
+    def inner_pass(self, iterator: Any) -> Any:
+        """A pass of the DataLoader inside an adapter (accel.py): not counted (the adapter's
+        passes are). In the resumed pass, the RNG is restored after the first batch, before
+        the next is fetched: the uninterrupted run had fetched that one before the checkpoint
+        (the adapter iterates one batch ahead)."""
+        due, self.rng_inner_due = self.rng_inner_due, False
+        for batch in iterator:
+            yield batch
+            if due:
+                due = False
+                self._restore_rng()
+        if due:
+            self._restore_rng()
 
     def _apply_loops(self) -> None:
         self.loops_due = False
@@ -1295,6 +1323,9 @@ class Runtime:
         if self.rng_to_restore is not None:
             state.restore_rng(self.rng_to_restore)
             self.rng_to_restore = None
+        if self.generator_to_restore is not None:
+            self.generator_to_restore()
+            self.generator_to_restore = None
 
     def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
         self.open_passes[id(track)] = track
@@ -1342,6 +1373,7 @@ def activate() -> Runtime | None:
     if main is not None:
         rt.loops.on_loop_start = rt.restore_at_loop_start
         loops.install_range(main.__dict__, rt.loops)
+    accel.install(rt)  # DataLoader semantics, part of the torch patching
     if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)
     atexit.register(patches.yield_to_collectives)  # atexit runs the last registered first: after

@@ -23,6 +23,11 @@ CASES = [
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),
     ("train_workers.py", 1, 17, {}),  # num_workers=2, RandomSampler
+    # … its draws from DataLoader(generator=g): the generator's state is restored too
+    ("train_workers.py", 1, 17, {"ZOO_GENERATOR": "1"}),
+    # accelerator.prepare: a DataLoaderShard, one batch ahead; BatchSamplerShard on two ranks
+    ("train_accelerate.py", 1, 17, {}),
+    ("train_accelerate.py", 2, 9, {}),
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
     ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count

@@ -98,3 +98,42 @@ def test_a_position_saved_before_counts_existed_reads_as_by_index() -> None:
     old = {"pass": 1, "consumed": 8, "done": False, "order": None, "stepped": [[0, 1]]}
     got = data.Position.from_state(old)
     assert (got.consumed, got.batches, got.world) == (8, None, 1)
+
+
+class Shard(Sampler[list[int]]):
+    """Like accelerate's BatchSamplerShard: wraps a batch sampler, takes every other batch."""
+
+    def __init__(self, batch_sampler: BatchSampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i, batch in enumerate(self.batch_sampler):
+            if i % 2 == 0:
+                yield batch
+
+    def __len__(self) -> int:
+        return (len(self.batch_sampler) + 1) // 2
+
+
+def test_a_random_order_behind_batch_samplers_and_its_generator_are_resumed() -> None:
+    """The pass's drawn order and the generator it came from are kept: the resumed pass
+    follows the order, and the pass after it draws what it drew the first time."""
+    data.patch_samplers()
+    generator = torch.Generator().manual_seed(1)
+    drawn = RandomSampler(DATASET, generator=generator)
+    loader = DataLoader(DATASET, batch_sampler=Shard(BatchSampler(drawn, 2, drop_last=False)))
+    assert data.random_sampler(loader) is drawn
+    first = [b[0].tolist() for b in loader]
+    track = data.LoaderTrack(index=0, passes=1, yielded=2)
+    saved = data.Position.from_state(track.position(loader).to_state())
+    assert saved.order is not None and saved.generator is not None
+    second = [b[0].tolist() for b in loader]
+    assert second != first
+    generator.manual_seed(99)  # a restarted process: another state
+    assert data.arm_skip(loader, saved) == (2, None)
+    restore = data.generator_state(loader, saved)
+    iterator = iter(loader)
+    assert restore is not None
+    restore()
+    assert [b[0].tolist() for b in iterator] == first[2:]
+    assert [b[0].tolist() for b in loader] == second

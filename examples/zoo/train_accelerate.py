@@ -1,0 +1,41 @@
+"""An Accelerate loop (Hugging Face's "no_trainer" examples): ``accelerator.prepare`` wraps the
+model, optimizer, DataLoader and scheduler; ``accelerator.backward``; dropout, AdamW, a per-step
+scheduler; DDP over gloo when WORLD_SIZE > 1. Unmodified: knows nothing about Lattice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from _zoo import IdDataset, log_batch, save_params
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def main() -> None:
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+    data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
+    loader = DataLoader(data, batch_size=4, shuffle=True)
+    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
+        for ids, x, y in loader:
+            log_batch(rank, epoch, ids)
+            loss = nn.functional.mse_loss(model(x), y)
+            accelerator.backward(loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+    if rank == 0:
+        save_params(accelerator.unwrap_model(model))
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
