@@ -1,6 +1,7 @@
 """An Accelerate loop (Hugging Face's "no_trainer" examples): ``accelerator.prepare`` wraps the
 model, optimizer, DataLoader and scheduler; ``accelerator.backward``; dropout, AdamW, a per-step
-scheduler; DDP over gloo when WORLD_SIZE > 1. Unmodified: knows nothing about Lattice.
+scheduler; DDP over gloo when WORLD_SIZE > 1; ``ZOO_ACCUMULATE=N``: accelerate's gradient
+accumulation (``accelerator.accumulate``). Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader
 
 
 def main() -> None:
-    accelerator = Accelerator(cpu=True)
+    accumulate = int(os.environ.get("ZOO_ACCUMULATE", "1"))  # accelerate's own accumulation
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     rank = accelerator.process_index
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
@@ -27,11 +29,12 @@ def main() -> None:
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         for ids, x, y in loader:
             log_batch(rank, epoch, ids)
-            loss = nn.functional.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            with accelerator.accumulate(model):
+                loss = nn.functional.mse_loss(model(x), y)
+                accelerator.backward(loss)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
     if rank == 0:
         save_params(accelerator.unwrap_model(model))
     accelerator.end_training()

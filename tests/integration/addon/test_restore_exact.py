@@ -28,6 +28,8 @@ CASES = [
     # accelerator.prepare: a DataLoaderShard, one batch ahead; BatchSamplerShard on two ranks
     ("train_accelerate.py", 1, 17, {}),
     ("train_accelerate.py", 2, 9, {}),
+    # … accelerator.accumulate over 2 batches; 11 batches per epoch: windows cut by epochs
+    ("train_accelerate.py", 1, 18, {"ZOO_ACCUMULATE": "2", "ZOO_SAMPLES": "44"}),
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
     ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count
