@@ -501,7 +501,20 @@ class Runtime:
             say(f"step {kept.step} not saved after the failure: the models' buffers changed")
             return
         with signals.sigterm_recorded(self), signals.saving(self):  # the agent stops the
-            self._write_failed_step(kept, folder, copies)  # survivors: finish, and say so
+            self._room_for(kept.step)  # survivors: finish, and say so
+            self._write_failed_step(kept, folder, copies)
+
+    def _room_for(self, step: int) -> None:
+        """Before a failed-step save, as `_write` does before a snapshot: the write in flight
+        ends, then the oldest step goes (three copies of a large state in a memory-backed tier,
+        as a failure strains the node). If the write does not end in time, nothing goes: the
+        step it replaces may be the only whole one."""
+        with self._written:
+            ended = self._written.wait_for(
+                lambda: not self.writing, timeout=signals.TERM_WRITE_WAIT_S
+            )
+        if ended:
+            local_tier.prune(self.root, KEEP - 1, below=step)
 
     def _write_failed_step(
         self, kept: failed_step.Boundary, folder: Path, copies: dict[int, torch.Tensor]

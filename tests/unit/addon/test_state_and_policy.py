@@ -119,6 +119,39 @@ def test_the_node_local_tier_never_holds_more_than_two_steps(
     assert runtime.local_tier.steps(tmp_path) == [5, 4]
 
 
+def test_a_failed_step_save_makes_room_once_the_write_in_flight_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed-step save path prunes like `_write` does, but only after the snapshot being
+    written is whole (until then the oldest step may be the only whole one)."""
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    for step in (1, 2):
+        rt.queue.put((step, {"state": {"t": torch.ones(3)}}, None))
+        rt.queue.join()
+    real, release, writing = runtime.local_tier.save, threading.Event(), threading.Event()
+
+    def save(path: Path, obj: object) -> None:
+        if "step-000000000003" in str(path):
+            writing.set()
+            assert release.wait(30)
+        real(path, obj)
+
+    monkeypatch.setattr(runtime.local_tier, "save", save)
+    with rt._written:
+        rt.writing.append(3)  # as `snapshot` does
+    rt.queue.put((3, {"state": {"t": torch.ones(3)}}, None))
+    assert writing.wait(30)
+    room = threading.Thread(target=rt._room_for, args=(4,))
+    room.start()
+    room.join(0.2)
+    assert room.is_alive()  # waiting for step 3's write
+    assert runtime.local_tier.steps(tmp_path) == [3, 2]  # step 1 went before 3 was written
+    release.set()
+    room.join(30)
+    assert not room.is_alive()
+    assert runtime.local_tier.steps(tmp_path) == [3]  # room for step 4: one step beside it
+
+
 def test_a_full_node_local_tier_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
