@@ -1,5 +1,8 @@
 """Single process, DataLoader(num_workers=2, shuffle=True) (a RandomSampler), dropout, Adam.
 
+``ZOO_GENERATOR=1``: the shuffle draws from a seeded generator of its own; ``ZOO_PERSISTENT=1``:
+``persistent_workers=True``.
+
 Run as `python train_workers.py` or under `lattice run`. Unmodified: knows nothing about Lattice.
 """
 
@@ -18,9 +21,16 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
-    # ZOO_GENERATOR=1: the shuffle draws from a generator of the script's own, for reproducibility
     seeded = torch.Generator().manual_seed(42) if os.environ.get("ZOO_GENERATOR") == "1" else None
-    loader = DataLoader(data, batch_size=4, shuffle=True, num_workers=2, generator=seeded)
+    persistent = os.environ.get("ZOO_PERSISTENT") == "1"
+    loader = DataLoader(
+        data,
+        batch_size=4,
+        shuffle=True,
+        num_workers=2,
+        generator=seeded,
+        persistent_workers=persistent,
+    )
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         for ids, x, y in loader:
             log_batch(0, epoch, ids)

@@ -99,8 +99,13 @@ def patch_schedulers(rt: Runtime) -> None:
             patch(cls)
             pending.extend(cls.__subclasses__())
 
+    own = base.__dict__.get("__init_subclass__")  # a later torch may define one
+
     def __init_subclass__(cls: type, **kwargs: Any) -> None:
-        super(base, cls).__init_subclass__(**kwargs)
+        if own is not None:
+            own.__func__(cls, **kwargs)
+        else:
+            super(base, cls).__init_subclass__(**kwargs)
         patch(cls)
 
     base.__init_subclass__ = classmethod(__init_subclass__)  # type: ignore[assignment]

@@ -23,8 +23,9 @@ CASES = [
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),
     ("train_workers.py", 1, 17, {}),  # num_workers=2, RandomSampler
-    # … its draws from DataLoader(generator=g): the generator's state is restored too
-    ("train_workers.py", 1, 17, {"ZOO_GENERATOR": "1"}),
+    # … its draws from DataLoader(generator=g): the generator's state is restored too; and
+    # persistent_workers (one iterator reset for every pass)
+    ("train_workers.py", 1, 17, {"ZOO_GENERATOR": "1", "ZOO_PERSISTENT": "1"}),
     # accelerator.prepare: a DataLoaderShard, one batch ahead; BatchSamplerShard on two ranks
     ("train_accelerate.py", 1, 17, {}),
     ("train_accelerate.py", 2, 9, {}),
