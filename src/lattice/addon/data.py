@@ -211,12 +211,13 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     if sampler is not None and position.batches is None:
         sampler._lattice_skip = (position.consumed, position.order)
         return position.consumed, None
-    iterable = isinstance(loader.dataset, IterableDataset)
-    if sampler is not None or position.batches is None or iterable:
+    if isinstance(loader.dataset, IterableDataset):
         return None, (
-            "this DataLoader cannot resume mid-pass (an IterableDataset, or its sampler is not "
-            "the one checkpointed); restarting the pass"
+            "this DataLoader's IterableDataset has no index to resume by: its pass starts over "
+            "(samples of it repeat)"
         )
+    if sampler is not None or position.batches is None:
+        return None, ("this DataLoader's sampler is not the one checkpointed: its pass starts over")
     stream = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     _patch_count_skip(type(stream))
     stream._lattice_skip_batches = position.batches

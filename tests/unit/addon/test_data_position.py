@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import (
     BatchSampler,
     DataLoader,
+    IterableDataset,
     RandomSampler,
     Sampler,
     SequentialSampler,
@@ -90,7 +91,7 @@ def test_a_pass_that_cannot_be_skipped_starts_over() -> None:
     # checkpointed by sample index, the loader now has a sampler of the script's own
     loader = DataLoader(DATASET, batch_sampler=Buckets())
     start, note = data.arm_skip(loader, data.Position(0, 8, False))
-    assert start is None and note is not None and "restarting the pass" in note
+    assert start is None and note is not None and "starts over" in note
     assert len(list(loader)) == 12
 
 
@@ -137,3 +138,17 @@ def test_a_random_order_behind_batch_samplers_and_its_generator_are_resumed() ->
     restore()
     assert [b[0].tolist() for b in iterator] == first[2:]
     assert [b[0].tolist() for b in loader] == second
+
+
+class Stream(IterableDataset):
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(6))
+
+
+def test_an_iterable_dataset_pass_starts_over_and_the_log_says_so() -> None:
+    loader = DataLoader(Stream(), batch_size=2)
+    track = data.LoaderTrack(index=0, passes=1, yielded=1)
+    saved = data.Position.from_state(track.position(loader).to_state())
+    start, note = data.arm_skip(loader, saved)
+    assert start is None and note is not None and "IterableDataset" in note
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
