@@ -42,10 +42,11 @@ def patch_torch(rt: Runtime) -> None:
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True
         if (rt.replay_due or not (rt.restore_done or rt.replay_tried)) and not rt.loading:
-            rt.restore_at_first_step()
+            rt.restore_at_first_step(opt)
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = False
+        rt.note_step(opt)
         if rt.replaying:
             rt.replaying = False  # the restored step's replay: not a step of this run
             return

@@ -58,6 +58,7 @@ KEEP = 2  # node-local steps, the one being written included: the tier is memory
 # A checkpoint's key: taken at the optimizer hook, right after an update (no DataLoader pass
 # open), so a restore without a DataLoader replays its step (`restore_at_first_step`).
 AFTER_UPDATE = "after_update"
+CLOSING = "closing_optimizer"  # which optimizer's step ends an iteration (`Runtime._closes`)
 CONTROL_POLL_S = 0.05
 # Modules that wrap the user's model: the model inside is saved, so a checkpoint's keys do
 # not depend on them (a run restarted without torch.compile, or on one process, still loads).
@@ -113,6 +114,12 @@ class Runtime:
         self.replaying = False  # the optimizer step the restore happened in (no DataLoader)
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
         self.replay_tried = False  # a replay restore was tried (it is, once)
+        # Optimizers stepped one after another in an iteration (a GAN's): the ids stepped since
+        # the first optimizer's last step, and the one that steps last (`note_step`).
+        self.cycle: list[int] = []
+        self.closing: int | None = None
+        self.replay_closing = 0  # the checkpoint's closing optimizer, by creation order
+        self.deferred = False  # the replay restore waits for the closing optimizer's step
         self.replay_rng: list[Any] | None = None  # the restored RNG states, for the replay
         # The newest checkpoint, read by a replay restore that was not for it: the first
         # DataLoader pass restores it without reading it again (`restore`).
@@ -265,26 +272,53 @@ class Runtime:
         return [(ld, ld._lattice_track) for ld in self._alive(self.loaders)]  # type: ignore[attr-defined]
 
     # step boundary -----------------------------------------------------------------------
+    def note_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Learn which optimizer steps last in an iteration: the one stepped last before the
+        first optimizer steps again."""
+        if self.loading:
+            return
+        live = self._alive(self.optimizers)
+        if live and live[0] is optimizer:
+            if self.cycle:
+                self.closing = self.cycle[-1]
+            self.cycle = []
+        self.cycle.append(id(optimizer))
+
+    def _closes(self, optimizer: torch.optim.Optimizer, live: list[Any]) -> bool:
+        """Whether ``optimizer``'s step ends the iteration (where a script that draws its own
+        batches has its boundary): with several optimizers, once it is known which steps last
+        (until then no boundary: one after the first optimizer would cut an iteration)."""
+        return len(live) == 1 or self.closing == id(optimizer)
+
+    def closing_index(self) -> int:
+        """The closing optimizer's place in creation order (0 until it is known)."""
+        live = self._alive(self.optimizers)
+        return next((i for i, opt in enumerate(live) if id(opt) == self.closing), 0)
+
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.loading:
             return
         live = self._alive(self.optimizers)
-        if not live or live[0] is not optimizer:
+        if not live:
             return
-        self.step += 1
-        if self.trainer is not None:  # Trainer's on_step_end is the boundary (trainer_step_end)
+        if self.trainer is not None:  # Trainer's on_step_end is the boundary
+            if live[0] is optimizer:
+                self.step += 1
+                self.pending = True
+                self._record_rng()
+            return
+        if live[0] is optimizer:
+            self.step += 1
+            for track in self.open_passes.values():
+                track.mark_step()
             self.pending = True
-            self._record_rng()
-            return
-        for track in self.open_passes.values():
-            track.mark_step()
-        self.pending = True
-        if not self.open_passes:  # the script made this batch itself: this is the boundary
+            if self.open_passes:
+                self._record_rng()
+        if not self.open_passes and self.pending and self._closes(optimizer, live):
+            # The script made this batch itself: the end of its iteration is the boundary.
             self.loops.fetched(sys._getframe(), None)
             self.tensors.stepped(sys._getframe())
             self.boundary()
-        else:
-            self._record_rng()
 
     def boundary(self) -> None:
         """Called before each batch fetch: checkpoint / safe point for a step just finished."""
@@ -539,6 +573,7 @@ class Runtime:
         replicated["loaders"] = [p.to_state() for p in kept.positions]
         replicated["loops"] = kept.loops
         replicated[AFTER_UPDATE] = kept.after_update
+        replicated[CLOSING] = self.closing_index()
         local_tier.mark_round(folder, kept.generation)
         local_tier.save(folder / "state.pt", replicated)
         say(
@@ -665,6 +700,7 @@ class Runtime:
             replicated["loaders"] = [tr.position(ld).to_state() for ld, tr in self.tracks()]
             replicated["loops"] = self.loops.capture(sys._getframe())
             replicated[AFTER_UPDATE] = after_update
+            replicated[CLOSING] = self.closing_index()
             if any(g[4] for g in gathered):
                 replicated[script_tensors.KEY] = [g[4] for g in gathered]
             files["state"] = replicated
@@ -867,13 +903,15 @@ class Runtime:
         rng = rngs[self.rank()] if self.rank() < len(rngs) else None
         return {"state": replicated, "rng": rng}
 
-    def restore(self, after_update_only: bool = False) -> bool:
+    def restore(self, after_update_only: bool = False, stepping: int | None = None) -> bool:
         """Load the newest checkpoint every rank has, once, before the first batch (True if
         one was).
 
         ``after_update_only`` (a replay: `restore_at_first_step`, `restore_at_loop_start`): only
         a checkpoint taken right after an update, outside any DataLoader pass that made steps.
         Any other is kept as read (`stash`) for the first DataLoader pass, where it belongs.
+        ``stepping``: the optimizer (by creation order) in whose step this is; a checkpoint
+        whose iteration ends with another's is kept as read for that one's step.
         """
         self.restore_done = True
         newest, self.stash = self.stash or self._newest(), None
@@ -887,6 +925,13 @@ class Runtime:
         if after_update_only and (training or not replicated.get(AFTER_UPDATE)):
             self.restore_done, self.stash = False, newest
             return False
+        closing = int(replicated.get(CLOSING, 0))
+        if stepping is not None and stepping != closing:
+            # An earlier optimizer of the iteration: a graph of a later one may still need the
+            # parameters (a GAN's fake batch), which loading them in place would break.
+            self.restore_done, self.stash, self.deferred = False, newest, True
+            return False
+        self.replay_closing = closing
         self.step = self.step_base = step
         if hf.STATE_KEY in replicated:
             # Taken inside Trainer.train(): Trainer loads it itself when train() starts (hf.py).
@@ -957,7 +1002,7 @@ class Runtime:
         if self._alive(self.optimizers):
             self._restore_for_replay()
 
-    def restore_at_first_step(self) -> None:
+    def restore_at_first_step(self, optimizer: torch.optim.Optimizer) -> None:
         """In the first optimizer step, for a script that iterated no DataLoader before it.
 
         Such a script draws its own batches (nanoGPT's ``get_batch``): no batch fetch marks a
@@ -969,17 +1014,26 @@ class Runtime:
         what the script does after ``optimizer.step()`` (a scheduler step, a scaler update,
         ``step += 1``) then runs as it did after the checkpoint's step. The restarted run's
         first batch, drawn before this, is the only one thrown away.
+
+        With several optimizers stepped one after another (a GAN), the checkpoint was taken
+        after the last one's step (`_closes`): the restore waits for that optimizer's step
+        (the earlier ones step the fresh state, which the restore then replaces), or, made at
+        a loop's start, drops every update of the replayed iteration up to that one's.
         """
+        live = self._alive(self.optimizers)
+        index = next((i for i, opt in enumerate(live) if opt is optimizer), 0)
         if not (self.restore_done or self.replay_tried):
-            self._restore_for_replay()
+            self._restore_for_replay(index)
         if not self.replay_due:
             return
-        self.replay_due = False
-        for opt in self._alive(self.optimizers):
+        for opt in live:
             for group in opt.param_groups:
                 for p in group["params"]:
                     p.grad = None
         self.replaying = True
+        if index != self.replay_closing:
+            return  # an earlier optimizer of the replayed iteration: its update is dropped too
+        self.replay_due, self.pending = False, False
         if self.replay_rng is not None:  # set at the restore: again, if a loop's start did it
             state.restore_rng(self.replay_rng)
         if self.replay_tensors:
@@ -989,10 +1043,16 @@ class Runtime:
         if self.loops_due:
             self._apply_loops()
 
-    def _restore_for_replay(self) -> None:
-        self.replay_tried = True
-        if not self.restore(after_update_only=True):
-            return  # nothing restored, or a checkpoint for the first DataLoader pass
+    def _restore_for_replay(self, stepping: int | None = None) -> None:
+        self.replay_tried, self.deferred = True, False
+        if not self.restore(after_update_only=True, stepping=stepping):
+            # Nothing restored, a checkpoint for the first DataLoader pass, or one for a later
+            # optimizer's step (`deferred`: tried again there, from the stash).
+            self.replay_tried = not self.deferred
+            return
+        live = self._alive(self.optimizers)
+        if self.replay_closing < len(live):
+            self.closing = id(live[self.replay_closing])
         self.replay_due = True
         self.suppress_scheduler = False  # no DataLoader pass made steps: none to resume
 
