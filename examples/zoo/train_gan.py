@@ -1,7 +1,8 @@
 """A GAN without a DataLoader: two optimizers stepped one after the other in each iteration
 (the discriminator's, then the generator's on the same fake batch, as DCGAN does), real
 samples drawn by index from the torch RNG, noise, dropout; a ``while`` counter loop, or with
-``ZOO_LOOP=range`` a ``for it in range(N)`` loop.
+``ZOO_LOOP=range`` a ``for step in range(N)`` loop; ``ZOO_ORDER=g_first`` creates the
+generator's optimizer first.
 Unmodified: knows nothing about Lattice.
 """
 
@@ -17,8 +18,12 @@ torch.manual_seed(0)
 data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
 gen = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
 disc = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Dropout(0.2), nn.Linear(16, 1))
-opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999))
-opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
+if os.environ.get("ZOO_ORDER") == "g_first":  # created in the other order than they step
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999))
+else:
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
 bce = nn.BCEWithLogitsLoss()
 ones, zeros = torch.ones(4, 1), torch.zeros(4, 1)
 

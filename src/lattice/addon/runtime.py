@@ -115,8 +115,9 @@ class Runtime:
         self.replay_due = False  # restored without a DataLoader: the next step is the replay
         self.replay_tried = False  # a replay restore was tried (it is, once)
         # Optimizers stepped one after another in an iteration (a GAN's): the ids stepped since
-        # the first optimizer's last step, and the one that steps last (`note_step`).
+        # the anchor's last step, and the one that steps last (`note_step`).
         self.cycle: list[int] = []
+        self.anchor: int | None = None  # the optimizer that stepped first
         self.closing: int | None = None
         self.replay_closing = 0  # the checkpoint's closing optimizer, by creation order
         self.deferred = False  # the replay restore waits for the closing optimizer's step
@@ -274,11 +275,13 @@ class Runtime:
     # step boundary -----------------------------------------------------------------------
     def note_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Learn which optimizer steps last in an iteration: the one stepped last before the
-        first optimizer steps again."""
+        one that stepped first in this process (not the first created: a GAN may create the
+        generator's first and step the discriminator's first) steps again."""
         if self.loading:
             return
-        live = self._alive(self.optimizers)
-        if live and live[0] is optimizer:
+        if self.anchor is None:
+            self.anchor = id(optimizer)
+        if id(optimizer) == self.anchor:
             if self.cycle:
                 self.closing = self.cycle[-1]
             self.cycle = []

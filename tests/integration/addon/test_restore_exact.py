@@ -257,14 +257,19 @@ def test_a_torch_compiled_model_resumes_exactly(
     assert keys == ["0.weight", "0.bias", "3.weight", "3.bias"]
 
 
-@pytest.mark.parametrize("loop", ["while", "range"])
-def test_a_gan_without_a_dataloader_resumes_exactly(launcher: Launcher, loop: str) -> None:
+@pytest.mark.parametrize(
+    ("loop", "order"), [("while", "d_first"), ("range", "d_first"), ("while", "g_first")]
+)
+def test_a_gan_without_a_dataloader_resumes_exactly(
+    launcher: Launcher, loop: str, order: str
+) -> None:
     """Two optimizers stepped one after the other in each iteration, the generator's on the
     fake batch the discriminator's step saw (DCGAN). The boundary is after the generator's
     step (the iteration's last); the restore waits for that step (a ``while`` loop: loading in
     the discriminator's step broke the generator's graph, and the restarted run crashed) or,
-    at a ``range`` loop's start, drops both updates of the replayed iteration."""
-    log, exact = kill_and_restart(launcher, "train_gan.py", 1, 13, ZOO_LOOP=loop)
+    at a ``range`` loop's start, drops both updates of the replayed iteration. The optimizer
+    that steps first, not the one created first, begins an iteration (``g_first``)."""
+    log, exact = kill_and_restart(launcher, "train_gan.py", 1, 13, ZOO_LOOP=loop, ZOO_ORDER=order)
     found = re.search(r"restored step (\d+)", log)
     assert found, log
     restored = int(found.group(1))
