@@ -1355,6 +1355,8 @@ class Runtime:
             self.loops_due = True
             if track.counter is not None and resume.counter is not None:
                 setattr(loader, track.counter, resume.counter)
+            # Set with the RNG: at once for a pass that had ended, else once its iterator is made.
+            self.generator_to_restore = data.generator_state(loader, resume)
         if not at_checkpoint or resume.done:
             # Its steps are in the restored state: the loop sees no batch of it.
             track.done = True
@@ -1365,7 +1367,6 @@ class Runtime:
         if note is not None:
             say(note)
         track.base = start or 0
-        self.generator_to_restore = data.generator_state(loader, resume)
         iterator = original(loader)
         if track.counter is None:
             self._restore_rng()  # after the iterator drew its order: the checkpoint's state
