@@ -5,12 +5,15 @@ loop (the "let's build GPT" script's), with ``ZOO_LOOP=prefetch`` nanoGPT's own 
 batch drawn right after the forward, into module globals), random batch indices from
 the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step()``; DDP over
 gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps;
-with ``ZOO_COMPILE=1`` the model is ``torch.compile``d before DDP wraps it, as nanoGPT does.
+with ``ZOO_COMPILE=1`` the model is ``torch.compile``d before DDP wraps it, as nanoGPT does;
+with ``ZOO_EMA=1`` a deep copy of the model in a module global is lerped towards it after
+each step (an EMA).
 Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -31,6 +34,7 @@ opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
 compiled = torch.compile(model) if os.environ.get("ZOO_COMPILE") == "1" else model  # nanoGPT's
 net = DistributedDataParallel(compiled) if world > 1 else compiled
+ema = copy.deepcopy(model) if os.environ.get("ZOO_EMA") == "1" else None
 torch.manual_seed(100 + rank)  # each rank draws its own batches
 
 
@@ -54,6 +58,10 @@ def train_step(iter_num: int) -> None:
     loss.backward()
     opt.step()
     sched.step()
+    if ema is not None:
+        with torch.no_grad():
+            for e, m in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(m, 0.1)
     if eval_every and (iter_num + 1) % eval_every == 0:
         with torch.no_grad():
             for _, vx, vy in val:
@@ -84,6 +92,6 @@ else:
         train_step(iter_num)
         iter_num += 1
 if rank == 0:
-    save_params(model)
+    save_params(model if ema is None else nn.ModuleDict({"model": model, "ema": ema}))
 if world > 1:
     dist.destroy_process_group()

@@ -8,10 +8,14 @@ A loader whose indices come from a sampler or batch sampler of its own (bucketin
 custom distributed sampler) is resumed by count instead: each rank's index stream skips the
 batches that rank had taken (indices only, no data read). That is exact when the pass's order is
 the same as the first time (a sampler seeded by its epoch) and the world size has not changed.
+
+An IterableDataset has no index: one that keeps its own state (`stream`) is resumed from each
+rank's saved state at the same world size; any other starts its pass over.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +53,9 @@ class Position:
     # The state of the RandomSampler's own generator (``DataLoader(generator=g)``, accelerate's
     # synchronized one) after the pass drew its order: the next pass draws from it.
     generator: torch.Tensor | None = None
+    # This rank's `stream` state at the checkpoint (each rank's is saved apart: not in
+    # `to_state`, which is the same on every rank).
+    stream: Any = None
 
     def had_steps(self, pass_index: int) -> bool:
         """Whether the restored state holds steps made during pass ``pass_index``."""
@@ -212,15 +219,24 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
         sampler._lattice_skip = (position.consumed, position.order)
         return position.consumed, None
     if isinstance(loader.dataset, IterableDataset):
+        if position.batches == 0:
+            # Nothing of the pass taken: it starts from its beginning. (Its state, saved before
+            # its iterator ran, would still be the previous pass's end.)
+            return 0, None
+        dataset = stream(loader)
+        same_world = position.world == collective.world()
+        if dataset is not None and position.stream is not None and same_world:
+            dataset.load_state_dict(position.stream)  # the pass's iterator resumes from it
+            return position.batches, None
         return None, (
-            "this DataLoader's IterableDataset has no index to resume by: its pass starts over "
-            "(samples of it repeat)"
+            f"this DataLoader's IterableDataset {_why_not(loader, dataset, position)}: its "
+            "pass starts over (samples of it repeat)"
         )
     if sampler is not None or position.batches is None:
         return None, ("this DataLoader's sampler is not the one checkpointed: its pass starts over")
-    stream = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    _patch_count_skip(type(stream))
-    stream._lattice_skip_batches = position.batches
+    indices = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    _patch_count_skip(type(indices))
+    indices._lattice_skip_batches = position.batches
     drawn = random_sampler(loader)
     if drawn is not None and position.order is not None:
         drawn._lattice_skip = (0, position.order)  # the pass's order again, not a new draw
@@ -232,6 +248,34 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
         f"but the world size changed ({position.world} -> {world}): samples of this pass may "
         "repeat or be missed"
     )
+
+
+def _why_not(loader: DataLoader, dataset: Any, position: Position) -> str:
+    """Why an IterableDataset's pass cannot resume (for the log)."""
+    if dataset is None and loader.num_workers:
+        return "keeps its state in the DataLoader's workers (num_workers > 0)"
+    if dataset is None:
+        return "has no index to resume by (give it state_dict and load_state_dict)"
+    if position.world != collective.world():
+        return f"was saved at world size {position.world}, not {collective.world()}"
+    return "has no state in this checkpoint"
+
+
+def stream(loader: DataLoader) -> Any | None:
+    """The loader's IterableDataset if it can say where it stands (``state_dict`` and
+    ``load_state_dict``: Hugging Face ``datasets`` streaming, torchdata's ``Stateful``) and is
+    iterated in this process (``num_workers=0``: a worker's copy would be the one moving)."""
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset) or loader.num_workers:
+        return None
+    methods = (getattr(dataset, name, None) for name in ("state_dict", "load_state_dict"))
+    return dataset if all(callable(m) for m in methods) else None
+
+
+def stream_state(loader: DataLoader) -> Any:
+    """A copy of `stream`'s state now (None without one): a stream may hand out a live dict."""
+    dataset = stream(loader)
+    return copy.deepcopy(dataset.state_dict()) if dataset is not None else None
 
 
 def random_sampler(loader: DataLoader) -> RandomSampler | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from lattice.addon import collective, data
+from lattice.addon import collective, data, shadows
 
 if TYPE_CHECKING:
     from lattice.addon.runtime import Runtime
@@ -38,6 +38,7 @@ def patch_torch(rt: Runtime) -> None:
     patch_schedulers(rt)
     track_init(torch.amp.GradScaler, rt.scalers)
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
+    shadows.patch_copies(rt.module_copied)
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         rt.stepping = True

@@ -38,6 +38,9 @@ RECENT_SNAPSHOTS = 4  # snapshot costs the policy averages once calibrated
 # Keeping each boundary for a failed step (failed_step.py) comes out of the same budget; where
 # it would cost more than this share of a step, it is not done.
 KEEP_MAX_SHARE = 0.02
+# Looking for the models again (a `gc` scan) once a module was copied: at most this share of
+# the run's time (a script may deep-copy one every step).
+SCAN_SHARE = 0.005
 
 
 def steps_for(cost_s: float, step_s: float, spent: float = 0.0) -> int:

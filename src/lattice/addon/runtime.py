@@ -49,6 +49,7 @@ from lattice.addon import (
     signals,
     state,
 )
+from lattice.addon import shadows as shadows_
 from lattice.addon.protocol import say
 from lattice.common import node_local
 
@@ -59,6 +60,7 @@ KEEP = 2  # node-local steps, the one being written included: the tier is memory
 # open), so a restore without a DataLoader replays its step (`restore_at_first_step`).
 AFTER_UPDATE = "after_update"
 CLOSING = "closing_optimizer"  # which optimizer's step ends an iteration (`Runtime._closes`)
+STREAMS = "streams"  # each rank's IterableDataset states, by loader (`data.stream`)
 CONTROL_POLL_S = 0.05
 # Modules that wrap the user's model: the model inside is saved, so a checkpoint's keys do
 # not depend on them (a run restarted without torch.compile, or on one process, still loads).
@@ -102,7 +104,14 @@ class Runtime:
         self.registered: dict[str, Any] = {}
         self.trainer: weakref.ref[Any] | None = None  # a transformers.Trainer inside train()
         self.trainer_checkpoint: dict[str, Any] | None = None  # restored, for Trainer to load
-        self._models_cache: tuple[tuple[int, ...], list[weakref.ref[nn.Module]]] | None = None
+        # (optimizers, copies, models, shadows) of the last `gc` scan (`_scan`)
+        self._models_cache: (
+            tuple[tuple[int, ...], int, list[weakref.ref[nn.Module]], list[shadows_.Ref]] | None
+        ) = None
+        self.copies = 0  # modules deep-copied or unpickled so far (`module_copied`)
+        self.scan_s = 0.0  # time spent in `gc` scans
+        self.started = time.monotonic()
+        self.shadow_labels: set[str] = set()  # shadows announced
         self.step = 0
         self.step_base = 0  # the step this process started from (restored), for calibration
         self.settled = False  # calibration: the first snapshots' writes have been waited for
@@ -214,17 +223,46 @@ class Runtime:
 
         Found by a `gc` scan, cached until the set of optimizers changes.
         """
+        return self._scan()[0]
+
+    def shadows(self) -> list[shadows_.Shadow]:
+        """Copies of the models that no optimizer steps (an EMA: see shadows.py)."""
+        return self._scan()[1]
+
+    def module_copied(self) -> None:
+        """A module was deep-copied or unpickled: maybe a new shadow (`shadows.patch_copies`)."""
+        self.copies += 1
+
+    def _scan(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
         key = tuple(id(opt) for opt in self._alive(self.optimizers))
         cached = self._models_cache
         if cached is not None and cached[0] == key:
-            found = [ref() for ref in cached[1]]
-            if all(m is not None for m in found):
-                return found  # type: ignore[return-value]
-        models = self._find_models()
-        self._models_cache = (key, [weakref.ref(m) for m in models])
-        return models
+            # A module copied since: scanned again, within a share of the time (a script may
+            # deep-copy one every step: a scan is 30 ms for a small heap).
+            fresh = cached[1] == self.copies or (
+                self.scan_s > policy.SCAN_SHARE * (time.monotonic() - self.started)
+            )
+            found = [ref() for ref in cached[2]]
+            shadows = shadows_.alive(cached[3])
+            if fresh and shadows is not None and all(m is not None for m in found):
+                return found, shadows  # type: ignore[return-value]
+        t0 = time.monotonic()
+        copies = self.copies
+        models, shadows = self._find_models()
+        self.scan_s += time.monotonic() - t0
+        self._models_cache = (
+            key,
+            copies,
+            [weakref.ref(m) for m in models],
+            shadows_.refs(shadows),
+        )
+        for shadow in shadows:
+            if shadow.label not in self.shadow_labels:
+                self.shadow_labels.add(shadow.label)
+                say(f"saving {shadow.label}: a copy of a model that no optimizer steps (an EMA?)")
+        return models, shadows
 
-    def _find_models(self) -> list[nn.Module]:
+    def _find_models(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
         order: dict[int, tuple[int, int]] = {}
         for oi, opt in enumerate(self._alive(self.optimizers)):
             pi = 0
@@ -233,7 +271,7 @@ class Runtime:
                     order.setdefault(id(p), (oi, pi))
                     pi += 1
         if not order:
-            return []
+            return [], []
         owners = []
         # By type, not isinstance: that reads ``obj.__class__``, which a dead weakref.proxy
         # (torch.compile leaves some) raises ReferenceError for, and a lazy module warns for.
@@ -245,7 +283,11 @@ class Runtime:
                     owners.append((obj, min(keys)))
         children = {id(c) for m, _ in owners for c in m.modules() if c is not m}
         roots = [(m, k) for m, k in owners if id(m) not in children]
-        return [m for m, _ in sorted(roots, key=lambda mk: mk[1])]
+        models = [m for m, _ in sorted(roots, key=lambda mk: mk[1])]
+        if self.trainer is not None or any(sharded.is_sharded(m) for m in models):
+            return models, []  # Trainer saves its own; a sharded copy is not looked for
+        averaged = self._alive(self.averaged)
+        return models, shadows_.find(candidates, models, set(order), averaged)
 
     def objects(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -265,6 +307,7 @@ class Runtime:
         ):
             for i, obj in enumerate(self._alive(refs)):
                 found[f"{kind}.{i}"] = obj
+        found.update(shadows_.state_objects(self.shadows()))
         for name, obj in self.registered.items():
             found[f"user.{name}"] = obj
         return found
@@ -392,6 +435,8 @@ class Runtime:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
         if self.keep_off or self.registered:
             return False  # state the addon cannot vouch for (a registered object's)
+        if any(data.stream(ld) is not None for ld, _ in self.tracks()):
+            return False  # a rank's stream state dies with it: only a checkpoint has it
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -495,7 +540,8 @@ class Runtime:
 
     def _versions(self, after_update: bool) -> list[int]:
         scalers = [] if after_update else self._alive(self.scalers)
-        return failed_step.versions(self._alive(self.averaged), scalers)
+        copies = [shadow.module for shadow in self.shadows()]
+        return failed_step.versions([*self._alive(self.averaged), *copies], scalers)
 
     def _keep_share(self, step_s: float) -> float:
         """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
@@ -675,6 +721,7 @@ class Runtime:
             *self._upload_report(local is not None),
             self._proposal(),
             tensors,
+            [data.stream_state(ld) for ld, _ in self.tracks()],
         )
         dist = collective.dist()
         gathered = collective.everyone(dist, mine)
@@ -706,6 +753,8 @@ class Runtime:
             replicated[CLOSING] = self.closing_index()
             if any(g[4] for g in gathered):
                 replicated[script_tensors.KEY] = [g[4] for g in gathered]
+            if any(state is not None for g in gathered for state in g[5]):
+                replicated[STREAMS] = [g[5] for g in gathered]  # each rank's (`data.stream`)
             files["state"] = replicated
         if local is not None:
             files[sharded.shard_name(self.rank(), self.world())] = local[1]
@@ -923,6 +972,7 @@ class Runtime:
         step, got, origin = newest
         replicated = got["state"]
         positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
+        self._take_streams(positions, replicated.get(STREAMS) or [])
         # The pass(es) the checkpoint was taken in: the training loop resumes there.
         training = [p for p in positions if p.had_steps(p.pass_index)]
         if after_update_only and (training or not replicated.get(AFTER_UPDATE)):
@@ -950,8 +1000,16 @@ class Runtime:
         finally:
             self.loading = False
         for name, obj in objects.items():
-            if name in replicated and name not in loaded:
+            if name.startswith(shadows_.PREFIX):
+                shadows_.load(name, obj, replicated)
+            elif name in replicated and name not in loaded:
                 obj.load_state_dict(replicated[name])
+        for name in replicated:
+            if name.startswith(shadows_.PREFIX) and name not in objects:
+                say(
+                    f"{name[len(shadows_.PREFIX) :]} is in the checkpoint, not in this run yet: "
+                    "not restored (a copy made later in the script starts over)"
+                )
         self.resume_positions = positions
         for _loader, tr in self.tracks():
             if tr.index < len(positions):
@@ -978,6 +1036,13 @@ class Runtime:
         self._prune_newer(step)
         say(f"restored step {step} from {origin}")
         return True
+
+    def _take_streams(self, positions: list[data.Position], streams: list[list[Any]]) -> None:
+        """This rank's stream states into the positions, when the world size is the one they
+        were saved at: a stream cannot be split again for another (its pass starts over)."""
+        if len(streams) == self.world() and self.rank() < len(streams):
+            for position, saved in zip(positions, streams[self.rank()], strict=False):
+                position.stream = saved
 
     def _newest(self) -> tuple[int, dict[str, Any], str] | None:
         """(step, checkpoint, where from) of the newest checkpoint every rank can read."""

@@ -31,8 +31,17 @@ CASES = [
     ("train_accelerate.py", 2, 9, {}),
     # … accelerator.accumulate over 2 batches; 11 batches per epoch: windows cut by epochs
     ("train_accelerate.py", 1, 18, {"ZOO_ACCUMULATE": "2", "ZOO_SAMPLES": "44"}),
+    # an IterableDataset with state_dict/load_state_dict (each rank's stream state saved)
+    ("train_stream.py", 2, 7, {}),
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
+    # … a deep copy: held by an object with an update counter (YOLO's ModelEMA), inside a
+    # module holder with a Python counter (timm's ModelEmaV3), in a bare local variable
+    ("train_ema.py", 1, 15, {"ZOO_EMA": "holder"}),
+    ("train_ema.py", 1, 15, {"ZOO_EMA": "module"}),
+    ("train_ema.py", 1, 15, {"ZOO_EMA": "copy"}),
+    # … a module-global copy in a script without a DataLoader: its update follows the boundary
+    ("train_getbatch.py", 1, 13, {"ZOO_EMA": "1"}),
     ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count
     ("train_trainer.py", 1, 11, {}),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9, {}),  # … restored at the end of an epoch (8 steps per epoch)

@@ -152,3 +152,63 @@ def test_an_iterable_dataset_pass_starts_over_and_the_log_says_so() -> None:
     start, note = data.arm_skip(loader, saved)
     assert start is None and note is not None and "IterableDataset" in note
     assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
+
+
+class StatefulStream(IterableDataset):
+    """Says where it stands, as Hugging Face ``datasets`` streaming does."""
+
+    def __init__(self) -> None:
+        self.offset, self.resume = 0, 0
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.resume = self.resume, 0
+        for i in range(start, 6):
+            self.offset = i + 1
+            yield i
+
+    def state_dict(self) -> dict[str, int]:
+        return {"offset": self.offset}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume = state["offset"]
+
+
+def test_a_stream_with_state_resumes_from_this_ranks_saved_state() -> None:
+    stream = StatefulStream()
+    loader = DataLoader(stream, batch_size=2)
+    it = iter(loader)
+    next(it)
+    live = data.stream_state(loader)
+    assert live == {"offset": 2}
+    stream.offset = 99  # a copy: the stream moving on does not change what was taken
+    assert live == {"offset": 2}
+    saved = data.Position(0, 0, False, batches=1, world=1, stream=live)
+    assert data.arm_skip(loader, saved) == (1, None)
+    assert [b.tolist() for b in loader] == [[2, 3], [4, 5]]
+
+
+def test_a_stream_pass_with_nothing_taken_starts_from_its_beginning() -> None:
+    """Saved at the first fetch of a pass: the stream's state is still the previous pass's end
+    (its iterator has not run), so it is not loaded."""
+    loader = DataLoader(StatefulStream(), batch_size=2)
+    saved = data.Position(1, 0, False, batches=0, world=1, stream={"offset": 6})
+    assert data.arm_skip(loader, saved) == (0, None)
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize(
+    ("workers", "world", "state", "why"),
+    [
+        (2, 1, {"offset": 2}, "keeps its state in the DataLoader's workers"),
+        (0, 3, {"offset": 2}, "was saved at world size 3, not 1"),
+        (0, 1, None, "has no state in this checkpoint"),
+    ],
+)
+def test_a_stream_that_cannot_resume_starts_over_and_says_why(
+    workers: int, world: int, state: dict[str, int] | None, why: str
+) -> None:
+    loader = DataLoader(StatefulStream(), batch_size=2, num_workers=workers)
+    assert data.stream_state(loader) is None or workers == 0
+    saved = data.Position(0, 0, False, batches=1, world=world, stream=state)
+    start, note = data.arm_skip(loader, saved)
+    assert start is None and note is not None and why in note and "starts over" in note
