@@ -150,8 +150,8 @@ def _wrapper(module: nn.Module) -> bool:
 
 
 def _where(module: nn.Module) -> tuple[str, Any | None]:
-    """(label, holder): a holder object's attribute, else a variable of a frame on the stack
-    or of the main script, else the module's type."""
+    """(label, holder): a holder object's attribute, else a variable of the script (a global,
+    or a local of the outermost frame on the stack that has it), else the module's type."""
     for ref in gc.get_referrers(module):
         owner = _dict_owner(ref) if type(ref) is dict else ref
         if owner is None or isinstance(owner, nn.Module | types.ModuleType | types.FrameType):
@@ -160,14 +160,18 @@ def _where(module: nn.Module) -> tuple[str, Any | None]:
         name = next((k for k, v in attrs.items() if v is module), None)
         if name is not None:
             return f"{type(owner).__qualname__}.{name}", owner
-    frame: types.FrameType | None = sys._getframe(1)
+    # Outermost first: the script's main function or module holds it wherever the scan runs
+    # from (a helper it is passed to may name it otherwise, and is not always on the stack).
+    frames, frame = [], sys._getframe(1)
     while frame is not None:
         if not str(frame.f_globals.get("__name__", "")).startswith(_LIBRARIES):
-            for scope in (frame.f_locals, frame.f_globals):
-                name = next((k for k, v in scope.items() if v is module), None)
-                if name is not None:
-                    return name, None
+            frames.append(frame)
         frame = frame.f_back
+    for frame in reversed(frames):
+        for scope in (frame.f_globals, frame.f_locals):
+            name = next((k for k, v in scope.items() if v is module), None)
+            if name is not None:
+                return name, None
     return type(module).__qualname__, None
 
 

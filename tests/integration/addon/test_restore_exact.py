@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -93,6 +95,23 @@ def test_kill_and_restart_is_bitwise_exact(
 ) -> None:
     log, exact = kill_and_restart(launcher, script, world, kill_after, **env)
     assert "restored step" in log
+    assert exact
+
+
+def test_a_hugging_face_streaming_dataset_resumes_exactly(launcher: Launcher) -> None:
+    """``datasets`` streaming over local JSON-lines shards, split over two ranks: each rank's
+    stream state is saved and loaded back (before, the pass started over and its samples were
+    trained on twice)."""
+    shards = launcher.tmp / "data"
+    shards.mkdir()
+    for shard in range(4):
+        rows = []
+        for i in range(shard * 12, shard * 12 + 12):
+            x = [math.sin(i * k) for k in range(1, 9)]
+            rows.append(json.dumps({"id": i, "x": x, "y": [sum(x)]}))
+        (shards / f"part-{shard}.jsonl").write_text("\n".join(rows) + "\n")
+    log, exact = kill_and_restart(launcher, "train_hfstream.py", 2, 7, ZOO_DATA=str(shards))
+    assert "restored step" in log and "starts over" not in log
     assert exact
 
 

@@ -123,3 +123,15 @@ def test_the_runtime_saves_a_copy_made_once_training_runs(
     monkeypatch.setattr(policy, "SCAN_SHARE", 1e9)
     assert [s.module for s in rt.shadows()] == [late]
     assert "shadow.late" in rt.objects()
+
+
+def test_a_variables_label_is_its_outermost_name() -> None:
+    """A helper it is passed to names it otherwise; the outer name holds wherever the scan
+    runs from."""
+    model = net()
+    ema = copy.deepcopy(model)
+
+    def helper(ema_model: nn.Module) -> list[str]:
+        return [s.label for s in shadows.find(modules(), [model], owned(model), [])]
+
+    assert helper(ema) == ["ema"]
