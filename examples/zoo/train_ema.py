@@ -4,7 +4,8 @@ Single process, shuffled DataLoader, Adam, dropout. ``ZOO_EMA`` picks how the EM
 ``averaged`` (default) `torch.optim.swa_utils.AveragedModel`; ``holder`` a deep copy held by a
 plain object with an update counter its decay ramps up with (YOLO's ``ModelEMA``); ``module``
 a deep copy inside an ``nn.Module`` holder with a Python counter (timm's ``ModelEmaV3`` shape);
-``copy`` a bare ``copy.deepcopy(model)`` in a local variable, lerped towards the model.
+``copy`` a bare ``copy.deepcopy(model)`` in a local variable, lerped towards the model;
+``diffusers`` diffusers' ``EMAModel`` (bare tensors, its decay warmed up by its step count).
 Unmodified: knows nothing about Lattice.
 """
 
@@ -70,6 +71,10 @@ def main() -> None:
         ema = holder.ema
     elif kind == "module":
         ema = EmaModule(model)
+    elif kind == "diffusers":
+        from diffusers.training_utils import EMAModel
+
+        ema_params = EMAModel(model.parameters(), decay=0.9, use_ema_warmup=True, power=0.75)
     else:
         ema = copy.deepcopy(model)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
@@ -88,10 +93,15 @@ def main() -> None:
                 holder.update(model)
             elif kind == "module":
                 ema.update(model)
+            elif kind == "diffusers":
+                ema_params.step(model.parameters())
             else:
                 with torch.no_grad():
                     for e, m in zip(ema.parameters(), model.parameters(), strict=True):
                         e.lerp_(m, 0.1)
+    if kind == "diffusers":
+        ema = copy.deepcopy(model)
+        ema_params.copy_to(ema.parameters())
     save_params(nn.ModuleDict({"model": model, "ema": ema}))
 
 

@@ -22,6 +22,7 @@ import os
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,14 @@ class Boundary:
     states: dict[str, Any] = field(default_factory=dict)
 
 
-def versions(averaged: list[torch.nn.Module], scalers: list[Any]) -> list[int]:
+def versions(
+    averaged: list[torch.nn.Module], scalers: list[Any], tensors: Sequence[torch.Tensor] = ()
+) -> list[int]:
     """In-place version counters of what a step may change outside ``optimizer.step`` and the
-    models' buffers (`BufferCopies`): averaged models, and a grad scaler's scale (its
-    ``update`` after a step it skipped for inf gradients)."""
+    models' buffers (`BufferCopies`): averaged models, other copies (an EMA's ``tensors``),
+    and a grad scaler's scale (its ``update`` after a step it skipped for inf gradients)."""
     found = [t._version for m in averaged for t in (*m.parameters(), *m.buffers())]
+    found += [t._version for t in tensors]
     for scaler in scalers:
         for name in ("_scale", "_growth_tracker"):
             t = getattr(scaler, name, None)

@@ -100,6 +100,7 @@ class Runtime:
         self.schedulers: list[weakref.ref[Any]] = []
         self.scalers: list[weakref.ref[Any]] = []
         self.averaged: list[weakref.ref[Any]] = []  # swa_utils.AveragedModel (SWA / EMA)
+        self.emas: list[weakref.ref[Any]] = []  # EMAs kept as bare tensors (shadows.TRACKED)
         self.loaders: list[weakref.ref[DataLoader]] = []
         self.registered: dict[str, Any] = {}
         self.trainer: weakref.ref[Any] | None = None  # a transformers.Trainer inside train()
@@ -234,7 +235,7 @@ class Runtime:
         self.copies += 1
 
     def _scan(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
-        key = tuple(id(opt) for opt in self._alive(self.optimizers))
+        key = tuple(id(obj) for obj in (*self._alive(self.optimizers), *self._alive(self.emas)))
         cached = self._models_cache
         if cached is not None and cached[0] == key:
             # A module copied since: scanned again, within a share of the time (a script may
@@ -286,8 +287,8 @@ class Runtime:
         models = [m for m, _ in sorted(roots, key=lambda mk: mk[1])]
         if self.trainer is not None or any(sharded.is_sharded(m) for m in models):
             return models, []  # Trainer saves its own; a sharded copy is not looked for
-        averaged = self._alive(self.averaged)
-        return models, shadows_.find(candidates, models, set(order), averaged)
+        averaged, emas = self._alive(self.averaged), self._alive(self.emas)
+        return models, shadows_.find(candidates, models, set(order), averaged, emas)
 
     def objects(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -540,8 +541,8 @@ class Runtime:
 
     def _versions(self, after_update: bool) -> list[int]:
         scalers = [] if after_update else self._alive(self.scalers)
-        copies = [shadow.module for shadow in self.shadows()]
-        return failed_step.versions([*self._alive(self.averaged), *copies], scalers)
+        copies = shadows_.tensors(self.shadows())
+        return failed_step.versions(self._alive(self.averaged), scalers, copies)
 
     def _keep_share(self, step_s: float) -> float:
         """What keeping boundaries costs each step, as a share of it (0 when not kept)."""
@@ -1516,6 +1517,7 @@ def activate() -> Runtime | None:
         rt.loops.on_loop_start = rt.restore_at_loop_start
         loops.install_range(main.__dict__, rt.loops)
     accel.install(rt)  # DataLoader semantics, part of the torch patching
+    shadows_.install(rt)
     if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)
     atexit.register(patches.yield_to_collectives)  # atexit runs the last registered first: after

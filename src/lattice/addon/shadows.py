@@ -9,6 +9,9 @@ a model's parameter shapes, none of its parameters an optimizer's, not an ``Aver
 attribute ``ModelEMA.ema``, a variable ``ema``), not from its place in the heap, so a restarted
 run loads each copy into the one it was taken from. The holder's numbers (YOLO's ``updates``,
 which its decay depends on) are saved with it, and so are a holder module's own.
+
+An EMA kept as bare tensors (diffusers' ``EMAModel``: ``shadow_params``) is tracked from its
+``__init__`` (`install`) and saved through its own ``state_dict``, under a label found alike.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lattice.addon.protocol import say
@@ -32,7 +36,7 @@ _LIBRARIES = ("lattice.", "torch.")  # frames whose variables are not the script
 
 @dataclass
 class Shadow:
-    module: nn.Module
+    obj: Any  # a module, or a tracked EMA object with its own state_dict (`TRACKED`)
     label: str  # where it is held: `Type.attr` of a holder object, or a variable's name
     holder: Any | None  # the (non-module) object holding it as an attribute, if any
 
@@ -58,20 +62,74 @@ class Scalars:
         return type(value) in SCALARS
 
 
+class Tensors:
+    """A tracked EMA object's own state dict, loaded onto the devices and dtypes its tensors
+    have now: a restore reads onto the CPU, and diffusers' ``load_state_dict`` keeps the
+    tensors it is given (a CUDA model's EMA step would then mix devices)."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        live = self.obj.state_dict()
+        self.obj.load_state_dict({k: _onto(v, live.get(k)) for k, v in saved.items()})
+
+
+def _onto(saved: Any, live: Any) -> Any:
+    if isinstance(saved, torch.Tensor) and isinstance(live, torch.Tensor):
+        return saved.to(device=live.device, dtype=live.dtype)
+    if isinstance(saved, list) and isinstance(live, list) and len(saved) == len(live):
+        return [_onto(a, b) for a, b in zip(saved, live, strict=True)]
+    return saved
+
+
+def tensors(shadows: list[Shadow]) -> list[torch.Tensor]:
+    """What a step changes in place in them (their version counters prove a failed step's
+    save that they did not move since the boundary)."""
+    found: list[torch.Tensor] = []
+    for shadow in shadows:
+        if isinstance(shadow.obj, nn.Module):
+            found += [*shadow.obj.parameters(), *shadow.obj.buffers()]
+        else:
+            for value in shadow.obj.state_dict().values():
+                items = value if isinstance(value, list) else [value]
+                found += [t for t in items if isinstance(t, torch.Tensor)]
+    return found
+
+
+# Classes of EMA objects kept as bare tensors, tracked from their __init__: module, class.
+TRACKED = [("diffusers.training_utils", "EMAModel")]
+
+
+def install(rt: Any) -> None:
+    """Track each `TRACKED` class's instances in ``rt.emas`` once its module is imported."""
+    from lattice.addon import imports, patches
+
+    for module, name in TRACKED:
+
+        def patch(mod: Any, name: str = name) -> None:
+            patches.track_init(getattr(mod, name), rt.emas)
+
+        imports.when_imported(module, name, patch, rt.say)
+
+
 def find(
     modules: list[nn.Module],
     models: list[nn.Module],
     owned: set[int],
     exclude: Iterable[nn.Module],
+    tracked: Iterable[Any] = (),
 ) -> list[Shadow]:
-    """The shadow copies among ``modules`` (every module in the heap), in a stable order.
+    """The shadow copies among ``modules`` (every module in the heap), then the ``tracked``
+    EMA objects (`install`), each labelled, in a stable order.
 
     ``owned``: ids of the optimizers' parameters; ``exclude``: modules tracked otherwise
     (averaged models), whose inner copy is not a root either.
     """
     wanted = [s for s in (_signature(m) for m in models) if s]
-    if not wanted:
-        return []
     children = {id(c) for m in modules for c in m._modules.values() if c is not None}
     skip = {id(m) for m in exclude} | {id(m) for m in models}
     found = []
@@ -85,7 +143,7 @@ def find(
             and not any(id(p) in owned for p in module.parameters())
         ):
             found.append(module)
-    labelled = [(_where(m), m) for m in found]
+    labelled = [(_where(m), m) for m in [*found, *tracked]]
     counts: dict[str, int] = {}
     for (label, _), _m in labelled:
         counts[label] = counts.get(label, 0) + 1
@@ -102,8 +160,9 @@ def state_objects(shadows: list[Shadow]) -> dict[str, Any]:
     """What a checkpoint saves of them, by name (`Runtime.objects`)."""
     found: dict[str, Any] = {}
     for shadow in shadows:
-        found[f"{PREFIX}{shadow.label}"] = shadow.module
-        for owner, part in ((shadow.holder, "holder"), (shadow.module, "own")):
+        module = isinstance(shadow.obj, nn.Module)
+        found[f"{PREFIX}{shadow.label}"] = shadow.obj if module else Tensors(shadow.obj)
+        for owner, part in ((shadow.holder, "holder"), (shadow.obj if module else None, "own")):
             if owner is not None and Scalars(owner).state_dict():
                 found[f"{PREFIX}{shadow.label}.{part}"] = Scalars(owner)
     return found
@@ -149,7 +208,7 @@ def _wrapper(module: nn.Module) -> bool:
     return type(module).__name__ in WRAPPERS
 
 
-def _where(module: nn.Module) -> tuple[str, Any | None]:
+def _where(module: Any) -> tuple[str, Any | None]:
     """(label, holder): a holder object's attribute, else a variable of the script (a global,
     or a local of the outermost frame on the stack that has it), else the module's type."""
     for ref in gc.get_referrers(module):
@@ -192,7 +251,7 @@ def _dict_owner(attrs: dict[str, Any]) -> Any | None:
     )
 
 
-Ref = tuple[weakref.ref[nn.Module], str, Callable[[], Any]]
+Ref = tuple[weakref.ref[Any], str, Callable[[], Any]]
 
 
 def refs(shadows: list[Shadow]) -> list[Ref]:
@@ -204,7 +263,7 @@ def refs(shadows: list[Shadow]) -> list[Ref]:
             held: Callable[[], Any] = weakref.ref(holder) if holder is not None else _none
         except TypeError:  # no __weakref__ slot
             held = lambda holder=holder: holder  # noqa: E731
-        found.append((weakref.ref(shadow.module), shadow.label, held))
+        found.append((weakref.ref(shadow.obj), shadow.label, held))
     return found
 
 

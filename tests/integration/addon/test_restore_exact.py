@@ -42,6 +42,7 @@ CASES = [
     ("train_ema.py", 1, 15, {"ZOO_EMA": "holder"}),
     ("train_ema.py", 1, 15, {"ZOO_EMA": "module"}),
     ("train_ema.py", 1, 15, {"ZOO_EMA": "copy"}),
+    ("train_ema.py", 1, 15, {"ZOO_EMA": "diffusers"}),  # diffusers' EMAModel: bare tensors
     # … a module-global copy in a script without a DataLoader: its update follows the boundary
     ("train_getbatch.py", 1, 13, {"ZOO_EMA": "1"}),
     ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count

@@ -21,6 +21,7 @@ def net() -> nn.Module:
 
 
 def modules() -> list[nn.Module]:
+    gc.collect()  # not another test's leftovers (a failed test's traceback holds its frames)
     return [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
 
 
@@ -39,7 +40,7 @@ def test_a_holders_copy_is_labelled_by_its_attribute_and_its_counter_saved() -> 
     model = net()
     holder = Holder(model)
     found = shadows.find(modules(), [model], owned(model), [])
-    assert [(s.module, s.label, s.holder) for s in found] == [(holder.ema, "Holder.ema", holder)]
+    assert [(s.obj, s.label, s.holder) for s in found] == [(holder.ema, "Holder.ema", holder)]
     saved = shadows.state_objects(found)
     assert set(saved) == {"shadow.Holder.ema", "shadow.Holder.ema.holder"}
     assert saved["shadow.Holder.ema.holder"].state_dict() == {"updates": 7}
@@ -51,7 +52,7 @@ def test_a_variables_copy_is_labelled_by_its_name() -> None:
     model = net()
     ema_weights = copy.deepcopy(model)
     found = shadows.find(modules(), [model], owned(model), [])
-    assert [(s.module, s.label, s.holder) for s in found] == [(ema_weights, "ema_weights", None)]
+    assert [(s.obj, s.label, s.holder) for s in found] == [(ema_weights, "ema_weights", None)]
 
 
 def test_only_unstepped_copies_with_the_models_shapes_count() -> None:
@@ -62,7 +63,7 @@ def test_only_unstepped_copies_with_the_models_shapes_count() -> None:
     tied = nn.Sequential(model[0], nn.ReLU(), nn.Linear(4, 1))  # shares a stepped parameter
     frozen = copy.deepcopy(model)
     found = shadows.find(modules(), [model], owned(model, stepped), [averaged])
-    assert [s.module for s in found] == [frozen]
+    assert [s.obj for s in found] == [frozen]
     assert other is not None and tied is not None
 
 
@@ -121,7 +122,7 @@ def test_the_runtime_saves_a_copy_made_once_training_runs(
     rt.module_copied()
     assert rt.shadows() == []  # over the share: the last scan holds
     monkeypatch.setattr(policy, "SCAN_SHARE", 1e9)
-    assert [s.module for s in rt.shadows()] == [late]
+    assert [s.obj for s in rt.shadows()] == [late]
     assert "shadow.late" in rt.objects()
 
 
@@ -135,3 +136,35 @@ def test_a_variables_label_is_its_outermost_name() -> None:
         return [s.label for s in shadows.find(modules(), [model], owned(model), [])]
 
     assert helper(ema) == ["ema"]
+
+
+class BareEma:
+    """diffusers' EMAModel's shape: tensors in a list, its own state_dict, which keeps the
+    tensors it is given."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.shadow_params = [p.detach().clone().double() for p in model.parameters()]
+        self.optimization_step = 0
+
+    def state_dict(self) -> dict[str, object]:
+        return {"optimization_step": self.optimization_step, "shadow_params": self.shadow_params}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.optimization_step = state["optimization_step"]  # type: ignore[assignment]
+        self.shadow_params = state["shadow_params"]  # type: ignore[assignment]
+
+
+def test_a_tracked_ema_of_bare_tensors_is_labelled_and_loaded_onto_its_tensors_dtypes() -> None:
+    model = net()
+    unet_ema = BareEma(model)
+    found = shadows.find(modules(), [model], owned(model), [], tracked=[unet_ema])
+    assert [(s.obj, s.label) for s in found] == [(unet_ema, "unet_ema")]
+    assert shadows.tensors(found) == unet_ema.shadow_params
+    saved = shadows.state_objects(found)
+    assert set(saved) == {"shadow.unet_ema"}
+    taken = {"optimization_step": 5, "shadow_params": [torch.ones(4, 3), torch.ones(4)]}
+    taken["shadow_params"] += [torch.ones(1, 4), torch.ones(1)]
+    saved["shadow.unet_ema"].load_state_dict(taken)  # read back as float32 (a CPU restore)
+    assert unet_ema.optimization_step == 5
+    assert [t.dtype for t in unet_ema.shadow_params] == [torch.float64] * 4
+    assert all(bool((t == 1).all()) for t in unet_ema.shadow_params)

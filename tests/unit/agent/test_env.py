@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from lattice.agent.env import NodeSetup, RoundPlacement, node_env, round_env, worker_token
 from lattice.common.auth import Authenticator, job_token
 
@@ -34,7 +36,10 @@ PLACE = RoundPlacement(
 )
 
 
-def test_round_env_has_every_contract_variable(admin_token: str) -> None:
+def test_round_env_has_every_contract_variable(
+    admin_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LATTICE_LOCAL_ROOT", raising=False)  # the tier's default place
     base = {"PATH": "/bin", "RANK": "99", "MASTER_PORT": "1", "LATTICE_TOKEN": admin_token}
     env = round_env(node_env(base, _setup(admin_token), local_rank=1), PLACE)
     expected = {
