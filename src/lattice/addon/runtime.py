@@ -260,7 +260,7 @@ class Runtime:
         for shadow in shadows:
             if shadow.label not in self.shadow_labels:
                 self.shadow_labels.add(shadow.label)
-                say(f"saving {shadow.label}: a copy of a model that no optimizer steps (an EMA?)")
+                say(f"saving {shadow.label}: weights of a model that no optimizer steps (an EMA?)")
         return models, shadows
 
     def _find_models(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
@@ -290,7 +290,9 @@ class Runtime:
         averaged, emas = self._alive(self.averaged), self._alive(self.emas)
         return models, shadows_.find(candidates, models, set(order), averaged, emas)
 
-    def objects(self) -> dict[str, Any]:
+    def objects(self, saving: bool = True) -> dict[str, Any]:
+        """What a checkpoint holds, by name. ``saving``: model copies never written in place
+        are left out (`shadows.moved`); a restore loads into all."""
         found: dict[str, Any] = {}
         trainer = self.trainer() if self.trainer is not None else None
         if trainer is not None:  # Trainer's own objects, under its own names (see hf.py)
@@ -308,7 +310,8 @@ class Runtime:
         ):
             for i, obj in enumerate(self._alive(refs)):
                 found[f"{kind}.{i}"] = obj
-        found.update(shadows_.state_objects(self.shadows()))
+        copies = [s for s in self.shadows() if not saving or shadows_.moved(s)]
+        found.update(shadows_.state_objects(copies))
         for name, obj in self.registered.items():
             found[f"user.{name}"] = obj
         return found
@@ -993,7 +996,7 @@ class Runtime:
             self._prune_newer(step)
             say(f"restored step {step} from {origin} (transformers.Trainer resumes from it)")
             return True
-        objects = self.objects()
+        objects = self.objects(saving=False)
         self.loading = True  # loading a sharded optimizer steps it once with lr 0
         try:
             held, holders = got.get("pieces") or ({}, {})

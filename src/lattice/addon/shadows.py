@@ -86,6 +86,16 @@ def _onto(saved: Any, live: Any) -> Any:
     return saved
 
 
+def moved(shadow: Shadow) -> bool:
+    """Whether its weights were ever written in place (an EMA's are, every step). A copy's
+    are made anew (``deepcopy`` clones them: version 0); one never written is what the script
+    made, and a restarted script makes it again, so a frozen reference model or teacher made
+    by ``deepcopy`` costs no checkpoint space. (Not its buffers: copying one bumps it.)"""
+    if isinstance(shadow.obj, nn.Module):
+        return any(p._version for p in shadow.obj.parameters())
+    return any(t._version for t in tensors([shadow]))
+
+
 def tensors(shadows: list[Shadow]) -> list[torch.Tensor]:
     """What a step changes in place in them (their version counters prove a failed step's
     save that they did not move since the boundary)."""

@@ -123,7 +123,25 @@ def test_the_runtime_saves_a_copy_made_once_training_runs(
     assert rt.shadows() == []  # over the share: the last scan holds
     monkeypatch.setattr(policy, "SCAN_SHARE", 1e9)
     assert [s.obj for s in rt.shadows()] == [late]
+    # Saved once written in place (an EMA's update); a restore loads into it either way.
+    assert "shadow.late" not in rt.objects() and "shadow.late" in rt.objects(saving=False)
+    with torch.no_grad():
+        next(late.parameters()).mul_(0.5)
     assert "shadow.late" in rt.objects()
+
+
+def test_only_copies_written_in_place_are_saved() -> None:
+    """A frozen reference copy (never written) is what a restarted script makes again."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    reference = copy.deepcopy(model).eval().requires_grad_(False)  # its buffers' copy bumps them
+    ema = copy.deepcopy(model)
+    found = {s.label: s for s in shadows.find(modules(), [model], owned(model), [])}
+    assert not shadows.moved(found["reference"]) and not shadows.moved(found["ema"])
+    with torch.no_grad():
+        for e, m in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(m, 0.1)
+    assert shadows.moved(found["ema"]) and not shadows.moved(found["reference"])
+    assert reference is not None
 
 
 def test_a_variables_label_is_its_outermost_name() -> None:
