@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import io
 import os
+import pickle
 import random
 import struct
 import zlib
@@ -40,7 +42,7 @@ except ImportError:  # numpy is optional for training scripts
 KEY = "failed_step"  # marks a state file saved this way: its RNG states are in `RNG_FILE`s
 RNG_DIR = "rng"  # under the node-local root: each rank's record of its last boundary
 RNG_FILE = "rngs.pt"  # in a step's folder: every old rank's record, once a restore gathered them
-_MAGIC = b"LRN2"  # a record's payload: `join_record`
+_MAGIC = b"LRN3"  # a record's payload: `join_record` (3: with streams' states)
 _HEAD = struct.Struct("<4sII")  # magic, crc32 of the body, body length
 _META = struct.Struct("<qqii?")  # generation, step, rank, world, exact
 _PY_WORDS = struct.Struct("<625I")  # random's Mersenne Twister: 624 words and the index
@@ -228,16 +230,42 @@ def unpack_rng(blob: bytes) -> dict[str, Any]:
 _RNG_LENGTH = struct.Struct("<I")
 
 
-def join_record(rng: bytes, tensors: bytes = b"") -> bytes:
-    """A record's payload: this rank's `pack_rng` bytes and its script tensors' (may be empty)."""
-    return _RNG_LENGTH.pack(len(rng)) + rng + tensors
+def join_record(rng: bytes, tensors: bytes = b"", streams: bytes = b"") -> bytes:
+    """A record's payload: this rank's `pack_rng` bytes, its script tensors' and its streams'
+    states (`encode_streams`; either may be empty)."""
+    return _RNG_LENGTH.pack(len(rng)) + rng + _RNG_LENGTH.pack(len(tensors)) + tensors + streams
 
 
-def split_record(payload: bytes) -> tuple[bytes, bytes]:
-    """`join_record`'s parts: (RNG state, script tensors)."""
-    (length,) = _RNG_LENGTH.unpack_from(payload)
-    end = _RNG_LENGTH.size + length
-    return payload[_RNG_LENGTH.size : end], payload[end:]
+def split_record(payload: bytes) -> tuple[bytes, bytes, bytes]:
+    """`join_record`'s parts: (RNG state, script tensors, streams' states)."""
+    parts, at = [], 0
+    for _ in range(2):
+        (length,) = _RNG_LENGTH.unpack_from(payload, at)
+        at += _RNG_LENGTH.size
+        parts.append(payload[at : at + length])
+        at += length
+    return parts[0], parts[1], payload[at:]
+
+
+def encode_streams(states: list[Any]) -> bytes:
+    """Each tracked loader's stream state (`data.stream_state`; None for others) as bytes for
+    a record; empty when there is none. ``torch.save``: read back with ``weights_only``."""
+    if all(state is None for state in states):
+        return b""
+    buffer = io.BytesIO()
+    torch.save(states, buffer)
+    return buffer.getvalue()
+
+
+def decode_streams(raw: bytes) -> list[Any]:
+    """`encode_streams`'s states ([] for none, or for bytes that do not read back)."""
+    if not raw:
+        return []
+    try:
+        states = torch.load(io.BytesIO(raw), weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return []
+    return states if isinstance(states, list) else []
 
 
 class RngRecords:

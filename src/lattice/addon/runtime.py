@@ -439,8 +439,6 @@ class Runtime:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
         if self.keep_off or self.registered:
             return False  # state the addon cannot vouch for (a registered object's)
-        if any(data.stream(ld) is not None for ld, _ in self.tracks()):
-            return False  # a rank's stream state dies with it: only a checkpoint has it
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -463,7 +461,8 @@ class Runtime:
         rank = self.rank()
         if self.rng_records is None or self.rng_records.rank != rank:
             self.rng_records = failed_step.RngRecords(self.root, rank)
-        payload = failed_step.join_record(blob, tensors)
+        streams = failed_step.encode_streams([data.stream_state(ld) for ld, _ in self.tracks()])
+        payload = failed_step.join_record(blob, tensors, streams)
         self.rng_records.write(self.generation, self.step, self.world(), payload, exact)
 
     def _recorded_tensors(self) -> bytes:
@@ -976,7 +975,7 @@ class Runtime:
         step, got, origin = newest
         replicated = got["state"]
         positions = [data.Position.from_state(raw) for raw in replicated.get("loaders", [])]
-        self._take_streams(positions, replicated.get(STREAMS) or [])
+        self._take_streams(positions, replicated.get(STREAMS) or [], got.get(STREAMS) or [])
         # The pass(es) the checkpoint was taken in: the training loop resumes there.
         training = [p for p in positions if p.had_steps(p.pass_index)]
         if after_update_only and (training or not replicated.get(AFTER_UPDATE)):
@@ -1041,12 +1040,17 @@ class Runtime:
         say(f"restored step {step} from {origin}")
         return True
 
-    def _take_streams(self, positions: list[data.Position], streams: list[list[Any]]) -> None:
+    def _take_streams(
+        self, positions: list[data.Position], streams: list[list[Any]], recorded: list[Any]
+    ) -> None:
         """This rank's stream states into the positions, when the world size is the one they
-        were saved at: a stream cannot be split again for another (its pass starts over)."""
+        were saved at: a stream cannot be split again for another (its pass starts over).
+        ``recorded``: this rank's from its record, for a step saved after a failure."""
+        mine = recorded
         if len(streams) == self.world() and self.rank() < len(streams):
-            for position, saved in zip(positions, streams[self.rank()], strict=False):
-                position.stream = saved
+            mine = streams[self.rank()]
+        for position, saved in zip(positions, mine, strict=False):
+            position.stream = saved
 
     def _newest(self) -> tuple[int, dict[str, Any], str] | None:
         """(step, checkpoint, where from) of the newest checkpoint every rank can read."""
@@ -1169,8 +1173,8 @@ class Runtime:
                 got = self._share(dist, step, usable.index(True), summary, got, generation)
             assert got is not None
             if got["state"].get(failed_step.KEY):
-                usable_rngs, got["rng"], got[script_tensors.KEY] = self._failed_step_rng(
-                    dist, step, generation, int(got["state"]["world"])
+                usable_rngs, got["rng"], got[script_tensors.KEY], got[STREAMS] = (
+                    self._failed_step_rng(dist, step, generation, int(got["state"]["world"]))
                 )
                 if not usable_rngs:
                     continue
@@ -1186,9 +1190,9 @@ class Runtime:
 
     def _failed_step_rng(
         self, dist: Any, step: int, generation: int, old_world: int
-    ) -> tuple[bool, dict[str, Any] | None, list[dict[str, Any]]]:
-        """(usable, this rank's RNG state, its script tensors) for a step saved after a
-        failure (failed_step.py).
+    ) -> tuple[bool, dict[str, Any] | None, list[dict[str, Any]], list[Any]]:
+        """(usable, this rank's RNG state, its script tensors, its streams' states) for a step
+        saved after a failure (failed_step.py).
 
         Each old rank left its state in a record on its node; they are gathered from every node
         (and from the job's other node folders on each machine) and kept in the step's folder.
@@ -1202,21 +1206,27 @@ class Runtime:
         for part in collective.everyone(dist, mine):
             found.update(part)
         missing = [r for r in range(min(old_world, self.world())) if r not in found]
+        same_world = old_world == self.world()  # a stream cannot be split again for another
         if missing:
             say(
                 f"step {step} was saved after a failure, but the RNG states of old rank(s) "
                 f"{missing} are gone with their node; not used"
             )
-            return False, None, []
+            return False, None, [], []
         if self.local_rank() == 0:
             try:
                 failed_step.keep_records(folder, found)
             except OSError as exc:
                 say(f"could not keep the RNG states of step {step} with it: {exc}")
         if self.rank() not in found:
-            return True, None, []
-        rng, tensors = failed_step.split_record(found[self.rank()])
-        return True, failed_step.unpack_rng(rng), script_tensors.ScriptTensors.decode(tensors)
+            return True, None, [], []
+        rng, tensors, streams = failed_step.split_record(found[self.rank()])
+        return (
+            True,
+            failed_step.unpack_rng(rng),
+            script_tensors.ScriptTensors.decode(tensors),
+            failed_step.decode_streams(streams) if same_world else [],
+        )
 
     def _share(
         self,

@@ -163,3 +163,23 @@ def test_lines_held_by_a_wrapping_excepthook_are_written_before_the_end(
     signals.flush_output()
     assert "saved it" in capfd.readouterr().err
     assert held.getvalue() == ""
+
+
+def test_a_records_parts_come_back_apart_and_stream_states_read_back_safely() -> None:
+    states = [None, {"offset": 7, "shards": [1, 2], "name": "part-0"}]
+    streams = failed_step.encode_streams(states)
+    payload = failed_step.join_record(b"rng", b"tensors", streams)
+    assert failed_step.split_record(payload) == (b"rng", b"tensors", streams)
+    assert failed_step.decode_streams(streams) == states
+    assert failed_step.split_record(failed_step.join_record(b"rng")) == (b"rng", b"", b"")
+    assert failed_step.encode_streams([None, None]) == b""
+    assert failed_step.decode_streams(b"") == []
+    assert failed_step.decode_streams(streams[: len(streams) // 2]) == []  # torn: not used
+
+    class Hostile:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.system, ("true",))
+
+    buffer = io.BytesIO()
+    torch.save([Hostile()], buffer)
+    assert failed_step.decode_streams(buffer.getvalue()) == []  # weights_only: not unpickled
