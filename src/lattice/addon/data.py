@@ -147,7 +147,10 @@ INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.
 
 def index_source(loader: DataLoader) -> tuple[Any, int]:
     """The sampler whose order a pass follows, if it is one resumed by sample index, and the
-    samples per batch; (None, 0) for any other (a custom sampler or batch sampler)."""
+    samples per batch; (None, 0) for any other (a custom sampler or batch sampler, or a
+    `stateful_loader`, whose own state is its position)."""
+    if stateful_loader(loader):
+        return None, 0
     batches = loader.batch_sampler
     if batches is None:  # no automatic batching: each index is an item
         sampler, per = loader.sampler, 1
@@ -218,20 +221,8 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     if sampler is not None and position.batches is None:
         sampler._lattice_skip = (position.consumed, position.order)
         return position.consumed, None
-    if isinstance(loader.dataset, IterableDataset):
-        if position.batches == 0:
-            # Nothing of the pass taken: it starts from its beginning. (Its state, saved before
-            # its iterator ran, would still be the previous pass's end.)
-            return 0, None
-        dataset = stream(loader)
-        same_world = position.world == collective.world()
-        if dataset is not None and position.stream is not None and same_world:
-            dataset.load_state_dict(position.stream)  # the pass's iterator resumes from it
-            return position.batches, None
-        return None, (
-            f"this DataLoader's IterableDataset {_why_not(loader, dataset, position)}: its "
-            "pass starts over (samples of it repeat)"
-        )
+    if stateful_loader(loader) or isinstance(loader.dataset, IterableDataset):
+        return _resume_stream(loader, position)
     if sampler is not None or position.batches is None:
         return None, ("this DataLoader's sampler is not the one checkpointed: its pass starts over")
     indices = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
@@ -250,21 +241,64 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     )
 
 
-def _why_not(loader: DataLoader, dataset: Any, position: Position) -> str:
-    """Why an IterableDataset's pass cannot resume (for the log)."""
-    if dataset is None and loader.num_workers:
-        return "keeps its state in the DataLoader's workers (num_workers > 0)"
-    if dataset is None:
-        return "has no index to resume by (give it state_dict and load_state_dict)"
-    if position.world != collective.world():
+def _resume_stream(loader: DataLoader, position: Position) -> tuple[int | None, str | None]:
+    """`arm_skip` for a loader whose position is its own or its stream's state (`stream`)."""
+    holder = stream(loader)
+    if position.batches == 0 and holder is not loader:
+        # Nothing of the pass taken: it starts from its beginning. (A dataset's state, saved
+        # before the pass's iterator ran, would still be the previous pass's end; a stateful
+        # loader's is the new pass's, with the order it draws.)
+        return 0, None
+    if holder is not None and position.stream is not None and _same_world(position):
+        holder.load_state_dict(position.stream)  # the pass's iterator resumes from it
+        return position.batches, None
+    if holder is loader:
+        subject, why = f"this {type(loader).__name__}", _why_not(position)
+    elif holder is None and loader.num_workers:
+        subject = "this DataLoader's IterableDataset"
+        why = "keeps its state in the DataLoader's workers (num_workers > 0)"
+    elif holder is None:
+        subject = "this DataLoader's IterableDataset"
+        why = "has no index to resume by (give it state_dict and load_state_dict)"
+    else:
+        subject, why = "this DataLoader's IterableDataset", _why_not(position)
+    return None, f"{subject} {why}: its pass starts over (samples of it repeat)"
+
+
+def end_pass(loader: DataLoader, position: Position) -> None:
+    """The checkpoint's pass had ended: a stateful loader still takes its state (its next
+    pass then draws the order the uninterrupted run's did)."""
+    if stateful_loader(loader) and position.stream is not None and _same_world(position):
+        loader.load_state_dict(position.stream)  # type: ignore[attr-defined]
+
+
+def _same_world(position: Position) -> bool:
+    return position.world == collective.world()
+
+
+def _why_not(position: Position) -> str:
+    if not _same_world(position):
         return f"was saved at world size {position.world}, not {collective.world()}"
     return "has no state in this checkpoint"
 
 
+def stateful_loader(loader: DataLoader) -> bool:
+    """A DataLoader that saves and loads its own position (torchdata's ``StatefulDataLoader``:
+    its sampler's, its workers' datasets', with prefetching counted): that state is its
+    position, per rank, like a `stream`'s."""
+    kind = type(loader)
+    return callable(getattr(kind, "state_dict", None)) and callable(
+        getattr(kind, "load_state_dict", None)
+    )
+
+
 def stream(loader: DataLoader) -> Any | None:
-    """The loader's IterableDataset if it can say where it stands (``state_dict`` and
+    """What holds the loader's position as a state of its own: a `stateful_loader` itself,
+    else its IterableDataset if that can say where it stands (``state_dict`` and
     ``load_state_dict``: Hugging Face ``datasets`` streaming, torchdata's ``Stateful``) and is
     iterated in this process (``num_workers=0``: a worker's copy would be the one moving)."""
+    if stateful_loader(loader):
+        return loader
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) or loader.num_workers:
         return None

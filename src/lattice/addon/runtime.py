@@ -48,6 +48,7 @@ from lattice.addon import (
     sharded,
     signals,
     state,
+    stateful,
 )
 from lattice.addon import shadows as shadows_
 from lattice.addon.protocol import say
@@ -1440,6 +1441,7 @@ class Runtime:
             # Its steps are in the restored state: the loop sees no batch of it.
             track.done = True
             if at_checkpoint:
+                data.end_pass(loader, resume)
                 self._restore_rng()
             return iter(())
         start, note = data.arm_skip(loader, resume)
@@ -1530,6 +1532,7 @@ def activate() -> Runtime | None:
         rt.loops.on_loop_start = rt.restore_at_loop_start
         loops.install_range(main.__dict__, rt.loops)
     accel.install(rt)  # DataLoader semantics, part of the torch patching
+    stateful.install(rt)
     shadows_.install(rt)
     if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)

@@ -66,6 +66,7 @@ def restart(launcher: Launcher, script: str, **env: str) -> str:
         ("train_accum.py", 2, {}),
         ("train_after_step.py", 1, {}),  # BatchNorm: the failed step's forward moved its buffers
         ("train_stream.py", 1, {}),  # a stateful IterableDataset: the dead rank's in its record
+        ("train_torchdata.py", 1, {}),  # a StatefulDataLoader: its own state, in the record too
         ("train_trainer.py", 1, {}),  # transformers.Trainer (its log: one line per step's end)
         ("train_getbatch.py", 1, {}),  # no DataLoader: the boundary is right after the update
         # nanoGPT's loop: the dead rank's next batch, drawn before the update, is in its record

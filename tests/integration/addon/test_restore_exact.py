@@ -35,6 +35,10 @@ CASES = [
     ("train_accelerate.py", 1, 18, {"ZOO_ACCUMULATE": "2", "ZOO_SAMPLES": "44"}),
     # an IterableDataset with state_dict/load_state_dict (each rank's stream state saved)
     ("train_stream.py", 2, 7, {}),
+    # torchdata's StatefulDataLoader: its own state per rank (two workers prefetching; a
+    # DistributedSampler on two ranks), killed in the second epoch
+    ("train_torchdata.py", 1, 17, {}),
+    ("train_torchdata.py", 2, 9, {}),
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
     # … a deep copy: held by an object with an update counter (YOLO's ModelEMA), inside a

@@ -212,3 +212,30 @@ def test_a_stream_that_cannot_resume_starts_over_and_says_why(
     saved = data.Position(0, 0, False, batches=1, world=world, stream=state)
     start, note = data.arm_skip(loader, saved)
     assert start is None and note is not None and why in note and "starts over" in note
+
+
+def test_a_stateful_loader_resumes_mid_pass_and_after_an_ended_one_from_its_own_state() -> None:
+    """torchdata's StatefulDataLoader: its own state is its position, per rank. A checkpoint
+    whose pass had ended still loads it: the next pass then draws the order it drew."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def loader() -> StatefulDataLoader:
+        torch.manual_seed(5)  # its RandomSampler is seeded once, from the global RNG
+        return StatefulDataLoader(DATASET, batch_size=4, shuffle=True)
+
+    first = loader()
+    assert data.stateful_loader(first) and data.index_source(first) == (None, 0)
+    it = iter(first)
+    taken = [next(it)[0].tolist() for _ in range(2)]
+    mid = data.Position(0, 0, False, batches=2, world=1, stream=data.stream_state(first))
+    rest = [b[0].tolist() for b in it]
+    ended = data.Position(0, 0, True, batches=6, world=1, stream=data.stream_state(first))
+    second_pass = [b[0].tolist() for b in first]
+
+    resumed = loader()
+    assert data.arm_skip(resumed, mid) == (2, None)
+    assert [b[0].tolist() for b in resumed] == rest and len(taken + rest) == 6
+    after_end = loader()
+    data.end_pass(after_end, ended)
+    assert [b[0].tolist() for b in after_end] == second_pass
+    assert second_pass != taken + rest  # a new order: a fresh loader would draw the first again
