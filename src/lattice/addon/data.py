@@ -28,6 +28,8 @@ from torch.utils.data import (
     IterableDataset,
     RandomSampler,
     SequentialSampler,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
 )
 from torch.utils.data.distributed import DistributedSampler
 
@@ -141,7 +143,9 @@ class LoaderTrack:
         return at
 
 
-KNOWN = (DistributedSampler, RandomSampler, SequentialSampler)
+# Samplers whose order a pass follows by index; the ones that draw it keep it (`DRAWN`).
+DRAWN = (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)
+KNOWN = (DistributedSampler, SequentialSampler, *DRAWN)
 INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.py)
 
 
@@ -196,8 +200,8 @@ def _patch_sampler(cls: type, record_order: bool) -> None:
         consumed, order = skip
         if isinstance(self, DistributedSampler):
             return iter(_split(_distributed_order(self)[consumed:], self))
-        if order is None:
-            order = list(range(len(self.data_source)))
+        if order is None:  # a checkpoint that did not keep it (an older one): drawn again
+            order = list(original(self)) if record_order else list(range(len(self.data_source)))
         if record_order:
             self._lattice_order = order
         return iter(order[consumed:])
@@ -209,7 +213,8 @@ def _patch_sampler(cls: type, record_order: bool) -> None:
 def patch_samplers() -> None:
     """Let the samplers the addon understands start a pass part-way (by index, no data read)."""
     _patch_sampler(DistributedSampler, record_order=False)
-    _patch_sampler(RandomSampler, record_order=True)
+    for cls in DRAWN:
+        _patch_sampler(cls, record_order=True)
     _patch_sampler(SequentialSampler, record_order=False)
 
 
@@ -312,13 +317,14 @@ def stream_state(loader: DataLoader) -> Any:
     return copy.deepcopy(dataset.state_dict()) if dataset is not None else None
 
 
-def random_sampler(loader: DataLoader) -> RandomSampler | None:
-    """The RandomSampler a pass's indices come from, directly or through batch samplers (a
-    script's own, accelerate's ``BatchSamplerShard``): its order is a new draw each pass, so
-    the checkpoint keeps it, and the state of its generator."""
+def random_sampler(loader: DataLoader) -> Any | None:
+    """The sampler that draws a pass's indices (`DRAWN`: a RandomSampler, weighted, a random
+    subset), directly or through batch samplers (a script's own, accelerate's
+    ``BatchSamplerShard``): its order is a new draw each pass, so the checkpoint keeps it, and
+    the state of its generator."""
     node: Any = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     for _ in range(4):
-        if isinstance(node, RandomSampler):
+        if isinstance(node, DRAWN):
             return node
         node = getattr(node, "batch_sampler", None) or getattr(node, "sampler", None)
     return None

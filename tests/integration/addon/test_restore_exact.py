@@ -28,6 +28,10 @@ CASES = [
     # … its draws from DataLoader(generator=g): the generator's state is restored too; and
     # persistent_workers (one iterator reset for every pass)
     ("train_workers.py", 1, 17, {"ZOO_GENERATOR": "1", "ZOO_PERSISTENT": "1"}),
+    # … a WeightedRandomSampler (global RNG) and a SubsetRandomSampler (its own generator):
+    # each pass's drawn order is kept like a RandomSampler's
+    ("train_workers.py", 1, 17, {"ZOO_SAMPLER": "weighted"}),
+    ("train_workers.py", 1, 13, {"ZOO_SAMPLER": "subset", "ZOO_GENERATOR": "1"}),
     # accelerator.prepare: a DataLoaderShard, one batch ahead; BatchSamplerShard on two ranks
     ("train_accelerate.py", 1, 17, {}),
     ("train_accelerate.py", 2, 9, {}),
