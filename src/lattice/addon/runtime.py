@@ -277,7 +277,11 @@ class Runtime:
         owners = []
         # By type, not isinstance: that reads ``obj.__class__``, which a dead weakref.proxy
         # (torch.compile leaves some) raises ReferenceError for, and a lazy module warns for.
-        candidates = [obj for obj in gc.get_objects() if issubclass(type(obj), nn.Module)]
+        candidates = [
+            obj
+            for obj in gc.get_objects()
+            if issubclass(type(obj), nn.Module) and "_parameters" in obj.__dict__
+        ]  # not a half-built one (its __init__ raised before Module's): it has no parameters
         for obj in candidates:
             if type(obj).__name__ not in WRAPPERS:
                 keys = [order[id(p)] for p in obj.parameters() if id(p) in order]

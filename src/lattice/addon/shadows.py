@@ -140,7 +140,9 @@ def find(
     (averaged models), whose inner copy is not a root either.
     """
     wanted = [s for s in (_signature(m) for m in models) if s]
-    children = {id(c) for m in modules for c in m._modules.values() if c is not None}
+    children = {
+        id(c) for m in modules for c in (m.__dict__.get("_modules") or {}).values() if c is not None
+    }
     skip = {id(m) for m in exclude} | {id(m) for m in models}
     found = []
     for module in modules:
@@ -208,7 +210,7 @@ def _signature(module: nn.Module) -> tuple[tuple[int, ...], ...]:
     or on the CPU); empty for a module with none or with uninitialized (lazy) ones."""
     try:
         return tuple(tuple(p.shape) for p in module.parameters())
-    except (RuntimeError, ValueError):
+    except Exception:  # any module in the heap: a half-built one (its __init__ raised), lazy
         return ()
 
 

@@ -186,3 +186,20 @@ def test_a_tracked_ema_of_bare_tensors_is_labelled_and_loaded_onto_its_tensors_d
     assert unet_ema.optimization_step == 5
     assert [t.dtype for t in unet_ema.shadow_params] == [torch.float64] * 4
     assert all(bool((t == 1).all()) for t in unet_ema.shadow_params)
+
+
+def test_a_half_built_module_in_the_heap_breaks_no_scan(tmp_path: Path) -> None:
+    """A module whose ``__init__`` raised before ``Module.__init__`` (a traceback holds it)
+    has no ``_parameters``: asking it for its parameters raises."""
+
+    class Half(nn.Module):
+        pass
+
+    half = Half.__new__(Half)
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+    model = net()
+    ema = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rt.optimizers.append(weakref.ref(opt))
+    assert rt.models() == [model] and [s.obj for s in rt.shadows()] == [ema]
+    assert half is not None
