@@ -138,6 +138,16 @@ def active_targets(code: CodeType, offset: int) -> frozenset[str]:
 
 
 @functools.cache
+def running_targets(code: CodeType, offset: int) -> frozenset[str]:
+    """`active_targets` and those of the loop whose FOR_ITER is running (the fetching one)."""
+    at = _current(code, offset)
+    if at is None:
+        return frozenset()
+    loops = _for_loops(code)
+    return frozenset(n for start, end, names in loops if start <= at < end for n in names)
+
+
+@functools.cache
 def range_target(code: CodeType, offset: int) -> str | None:
     """The loop variable of ``for NAME in [wrapper(]range(…)[)]`` whose call is at ``offset``."""
     ins = _instructions(code)
@@ -177,6 +187,10 @@ class LoopState:
         self.last: dict[CodeKey, tuple[Any, dict[str, int]]] = {}
         self.varying: dict[CodeKey, set[str]] = {}
         self.in_pass: dict[CodeKey, set[str]] = {}
+        # Loop targets seen changing where no loop assigning them was running: a ``for``
+        # elsewhere in the code shares the name of a counter (``for it in …`` at the top,
+        # ``it += 1`` in the training loop).
+        self.assigned: dict[CodeKey, set[str]] = {}
         self.range_loops: set[tuple[CodeKey, str]] = set()  # ``for NAME in range(…)`` seen
         self.counters: dict[CodeKey, dict[str, int]] = {}  # restored, set at the first fetch
         self.ranges: dict[tuple[CodeKey, str], int] = {}  # restored, for the range calls
@@ -219,11 +233,15 @@ class LoopState:
             first = self.first[key]
             varying = self.varying.setdefault(key, set())
             same_pass = last[0] == pass_key
+            targets = loop_targets(frame.f_code)
+            running = running_targets(frame.f_code, frame.f_lasti) if targets else frozenset()
             for name, value in changed:
                 if first.setdefault(name, value) != value:
                     varying.add(name)
                 if same_pass and name in last[1]:
                     self.in_pass.setdefault(key, set()).add(name)
+                if same_pass and name in last[1] and name in targets and name not in running:
+                    self.assigned.setdefault(key, set()).add(name)
 
     def capture(self, start: FrameType | None) -> list[dict[str, Any]]:
         """The counters and loop variables of the script's frames on the stack."""
@@ -235,11 +253,12 @@ class LoopState:
             targets = loop_targets(frame.f_code)
             active = active_targets(frame.f_code, frame.f_lasti)
             in_pass = self.in_pass.get(key, set())
+            assigned = self.assigned.get(key, set())
             counters, ranges, steps, unknown = {}, {}, [], False
             for name, value in _ints(frame).items():
                 if name not in varying:
                     continue
-                if name not in targets:
+                if name not in targets or (name in assigned and name not in active):
                     counters[name] = value
                 elif name not in active:
                     continue  # a finished loop's variable

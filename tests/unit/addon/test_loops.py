@@ -243,3 +243,47 @@ def test_fetches_are_sampled_but_a_checkpoint_sees_every_change() -> None:
     assert state.fetches == 40
     (entry,) = probe.saved
     assert entry["counters"] == {"late": 3}
+
+
+def test_a_counter_sharing_its_name_with_a_for_variable_is_still_a_counter() -> None:
+    """``for it in range(3)`` (a warm-up) and later ``it += 1`` in the training loop: the
+    name is a loop target of the code, yet it changes in a pass where no loop assigns it."""
+    state = loops.LoopState()
+    probe = Probe(state)
+
+    def script(stop: int, capture_at: int | None) -> int:
+        for it in range(3):  # noqa: B007 - the warm-up's variable, reused below
+            pass
+        it = 0
+        while it < stop:
+            for _ in probe.fetches(4, capture_at):
+                it += 1
+                if it >= stop:
+                    break
+        return it
+
+    script(6, capture_at=1)
+    (entry,) = probe.saved
+    assert entry["counters"] == {"it": 5}
+    restored = loops.LoopState()
+    restored.load(probe.saved)
+    probe = Probe(restored, apply=True)
+    assert script(6, capture_at=None) == 6
+    assert probe.applied == (["it=5"], [])
+
+
+def test_a_finished_loops_variable_is_not_a_counter() -> None:
+    """A loop that ended before the fetch keeps its last value, which changes from pass to
+    pass only (a different length each time): not a counter."""
+    state = loops.LoopState()
+    probe = Probe(state)
+
+    def script() -> None:
+        for epoch in range(3):
+            for k in range(epoch + 1):  # noqa: B007 - ends before the fetch
+                pass
+            for _ in probe.fetches(3, capture_at=1 if epoch == 2 else None):
+                pass
+
+    script()
+    assert all(not entry["counters"] for entry in probe.saved)
