@@ -16,6 +16,13 @@ with a ``counter``), its inner ``DataLoader``'s are not (`data.INNER`), and:
   position and set back when the checkpoint's pass starts: the passes fast-forwarded before it
   do not run the shard, so they do not count themselves.
 
+``DataLoaderDispatcher`` (``dispatch_batches``, accelerate's default for an IterableDataset:
+rank 0 reads num_processes batches a step, one step ahead, and sends each rank its slice) is
+tracked the same way, on every rank: tracked at its inner ``DataLoader``, which only rank 0
+iterates, rank 0 had its step boundary at the fetch and the others at the optimizer step, and
+their collectives crossed: the job hung. Its pass cannot be resumed part-way (the inner
+position runs a step and num_processes batches ahead of the loop's): it starts over, logged.
+
 Trainer uses the same shards; inside ``Trainer.train()`` all of this is off (hf.py).
 """
 
@@ -31,9 +38,16 @@ COUNTER = "iteration"  # DataLoaderShard's finished passes, its set_epoch argume
 
 
 def patch(rt: Any, module: Any) -> None:
-    """Wrap ``module.DataLoaderShard.__iter__`` (idempotent)."""
-    shard = module.DataLoaderShard
-    original = shard.__iter__
+    """Wrap ``__iter__`` of ``DataLoaderShard`` and ``DataLoaderDispatcher`` (idempotent)."""
+    _wrap(rt, module.DataLoaderShard)
+    dispatcher = getattr(module, "DataLoaderDispatcher", None)
+    if dispatcher is not None:
+        setattr(dispatcher, data.DISPATCHED, True)
+        _wrap(rt, dispatcher)
+
+
+def _wrap(rt: Any, adapter: type) -> None:
+    original = adapter.__iter__
     if getattr(original, "_lattice", False):
         return
 
@@ -49,7 +63,7 @@ def patch(rt: Any, module: Any) -> None:
         return rt.loader_iter(self, counted, counter=COUNTER)
 
     __iter__._lattice = True  # type: ignore[attr-defined]
-    shard.__iter__ = __iter__
+    adapter.__iter__ = __iter__  # type: ignore[method-assign]
 
 
 def install(rt: Any) -> None:

@@ -147,13 +147,14 @@ class LoaderTrack:
 DRAWN = (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)
 KNOWN = (DistributedSampler, SequentialSampler, *DRAWN)
 INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.py)
+DISPATCHED = "_lattice_dispatched"  # set on an adapter class whose pass cannot resume (accel.py)
 
 
 def index_source(loader: DataLoader) -> tuple[Any, int]:
     """The sampler whose order a pass follows, if it is one resumed by sample index, and the
     samples per batch; (None, 0) for any other (a custom sampler or batch sampler, or a
     `stateful_loader`, whose own state is its position)."""
-    if stateful_loader(loader):
+    if stateful_loader(loader) or getattr(type(loader), DISPATCHED, False):
         return None, 0
     batches = loader.batch_sampler
     if batches is None:  # no automatic batching: each index is an item
@@ -222,6 +223,11 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     """Make the loader's next pass start where ``position`` stood, reading no data for what it
     skips: (what the pass starts from, in `LoaderTrack.base`'s unit, or None when it starts
     over; what the log should say, or None when the resume is exact)."""
+    if getattr(type(loader), DISPATCHED, False):
+        return None, (
+            f"this {type(loader).__name__} (accelerate's dispatch_batches) reads ahead of the "
+            "loop on one rank: its pass starts over (samples of it repeat)"
+        )
     sampler, _ = index_source(loader)
     if sampler is not None and position.batches is None:
         sampler._lattice_skip = (position.consumed, position.order)
@@ -291,10 +297,11 @@ def stateful_loader(loader: DataLoader) -> bool:
     """A DataLoader that saves and loads its own position (torchdata's ``StatefulDataLoader``:
     its sampler's, its workers' datasets', with prefetching counted): that state is its
     position, per rank, like a `stream`'s."""
-    kind = type(loader)
-    return callable(getattr(kind, "state_dict", None)) and callable(
-        getattr(kind, "load_state_dict", None)
-    )
+    kind = type(loader)  # not ``loader.__class__``: accelerate's adapters answer DataLoader
+    methods = (getattr(kind, name, None) for name in ("state_dict", "load_state_dict"))
+    # A DataLoader subclass: accelerate's adapters (which wrap one, and whose state_dict
+    # serves only a StatefulDataLoader inside) have their own handling (accel.py).
+    return issubclass(kind, DataLoader) and all(callable(m) for m in methods)
 
 
 def stream(loader: DataLoader) -> Any | None:

@@ -1453,8 +1453,10 @@ class Runtime:
             say(note)
         track.base = start or 0
         iterator = original(loader)
-        if track.counter is None:
-            self._restore_rng()  # after the iterator drew its order: the checkpoint's state
+        if track.counter is None or start is None:
+            # After the iterator drew its order: the checkpoint's state. (A pass started over
+            # has no batch to wait for: a dispatcher's inner loader runs on one rank only.)
+            self._restore_rng()
         else:
             self.rng_inner_due = True  # the adapter's DataLoader is iterated later (inner_pass)
         return self._counting(iterator, track)

@@ -107,6 +107,33 @@ def test_kill_and_restart_is_bitwise_exact(
     assert exact
 
 
+def test_accelerate_dispatching_an_iterable_dataset_neither_hangs_nor_changes_training(
+    launcher: Launcher,
+) -> None:
+    """accelerate dispatches an IterableDataset's batches from rank 0 (``dispatch_batches``):
+    only rank 0 iterates the DataLoader. Tracked there, rank 0's step boundary was at the
+    fetch and the others' at the optimizer step, their collectives crossed and the job hung.
+    Checkpointing every step, the run now ends as it does without the addon; killed and
+    restarted, it resumes the step, and the pass starts over (said in the log)."""
+    env = {"ZOO_DATASET": "iterable", "LATTICE_CHECKPOINT_EVERY": "1"}
+    expected = baseline(launcher, "train_accelerate.py", 2, ZOO_DATASET="iterable")
+    out = launcher.tmp / "with-addon.pt"
+    run = launcher.start("train_accelerate.py", 2, ZOO_OUT=str(out), **env)
+    try:
+        assert run.wait(timeout=120) == [0, 0], run.output()
+    finally:
+        run.kill()
+    assert bitwise_equal(params(expected), params(out))
+    resumed = launcher.tmp / "resumed.pt"
+    first = launcher.start("train_accelerate.py", 2, ZOO_STEP_SLEEP="0.1", **env)
+    poll(lambda: len(id_lines(launcher.tmp)) >= 9, "training progress")
+    first.kill()
+    second = launcher.start("train_accelerate.py", 2, ZOO_OUT=str(resumed), **env)
+    assert second.wait() == [0, 0], second.output()
+    log = second.output()
+    assert "restored step" in log and "dispatch_batches" in log and "starts over" in log
+
+
 def test_a_hugging_face_streaming_dataset_resumes_exactly(launcher: Launcher) -> None:
     """``datasets`` streaming over local JSON-lines shards, split over two ranks: each rank's
     stream state is saved and loaded back (before, the pass started over and its samples were
