@@ -163,7 +163,15 @@ def index_source(loader: DataLoader) -> tuple[Any, int]:
         sampler, per = batches.sampler, batches.batch_size
     else:
         return None, 0
-    return (sampler, per) if isinstance(sampler, KNOWN) else (None, 0)
+    return (sampler, per) if _known(sampler) else (None, 0)
+
+
+def _known(sampler: Any) -> bool:
+    """One of `KNOWN`, iterated by that class's ``__iter__``: a subclass with its own (a
+    distributed wrapper around a weighted sampler, say) ignores the index skip, so it is
+    resumed by count like any sampler of the script's own."""
+    base = next((k for k in KNOWN if isinstance(sampler, k)), None)
+    return base is not None and type(sampler).__iter__ is base.__iter__
 
 
 def _split(remaining: list[int], sampler: DistributedSampler) -> list[int]:

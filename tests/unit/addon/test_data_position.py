@@ -239,3 +239,27 @@ def test_a_stateful_loader_resumes_mid_pass_and_after_an_ended_one_from_its_own_
     data.end_pass(after_end, ended)
     assert [b[0].tolist() for b in after_end] == second_pass
     assert second_pass != taken + rest  # a new order: a fresh loader would draw the first again
+
+
+class Reversed(DistributedSampler):
+    """A DistributedSampler of the script's own with an ``__iter__`` of its own (deterministic):
+    the index skip, read by DistributedSampler's ``__iter__``, would be ignored."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[::-1])
+
+
+def test_a_known_samplers_subclass_with_its_own_iter_resumes_by_count() -> None:
+    sampler = Reversed(DATASET, num_replicas=1, rank=0, shuffle=False)
+    loader = DataLoader(DATASET, batch_size=4, sampler=sampler)
+    assert data.index_source(loader) == (None, 0)
+    track = data.LoaderTrack(index=0, passes=1, yielded=2)
+    saved = data.Position.from_state(track.position(loader).to_state())
+    assert saved.batches == 2 and saved.consumed == 0
+    assert data.arm_skip(loader, saved) == (2, None)
+    assert [b[0].tolist() for b in loader] == [
+        [15, 14, 13, 12],
+        [11, 10, 9, 8],
+        [7, 6, 5, 4],
+        [3, 2, 1, 0],
+    ]
