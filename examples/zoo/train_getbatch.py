@@ -7,7 +7,8 @@ the global torch RNG, dropout, AdamW, a per-step LambdaLR after ``optimizer.step
 gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader every K steps;
 with ``ZOO_COMPILE=1`` the model is ``torch.compile``d before DDP wraps it, as nanoGPT does;
 with ``ZOO_EMA=1`` a deep copy of the model in a module global is lerped towards it after
-each step (an EMA).
+each step (an EMA); with ``ZOO_ESTIMATE_EVERY=K`` nanoGPT's ``estimate_loss()`` (a ``range``
+loop under ``torch.no_grad``) runs on rank 0 only at the top of every K-th iteration.
 Unmodified: knows nothing about Lattice.
 """
 
@@ -50,7 +51,24 @@ eval_every = int(os.environ.get("ZOO_EVAL_EVERY", "0"))
 val = DataLoader(IdDataset(8), batch_size=4) if eval_every else []  # an evaluation loader
 
 
+estimate_every = int(os.environ.get("ZOO_ESTIMATE_EVERY", "0"))
+
+
+@torch.no_grad()
+def estimate_loss() -> float:
+    """nanoGPT's: a few batches of its own, on the master process only."""
+    model.eval()
+    losses = torch.zeros(3)
+    for k in range(3):
+        ids = torch.arange(k, k + 4)
+        losses[k] = nn.functional.mse_loss(model(data.x[ids]), data.y[ids]).item()
+    model.train()
+    return float(losses.mean())
+
+
 def train_step(iter_num: int) -> None:
+    if estimate_every and iter_num % estimate_every == 0 and rank == 0:
+        estimate_loss()
     ids, x, y = get_batch()
     log_batch(rank, iter_num, ids)
     loss = nn.functional.mse_loss(net(x), y)

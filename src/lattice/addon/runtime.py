@@ -1077,11 +1077,22 @@ class Runtime:
         making steps (the script draws its own batches), restore now, so that this ``range``
         call resumes the loop at the checkpoint's iteration (`loops.LoopState.resume_range`);
         that iteration's optimizer step is the replay (`restore_at_first_step`). Any other
-        checkpoint is left, as read, to the first DataLoader pass (an epoch loop's)."""
+        checkpoint is left, as read, to the first DataLoader pass (an epoch loop's).
+
+        Not in a loop that runs without gradients (`_evaluating`)."""
         if self.restore_done or self.replay_tried or self.trainer is not None or self.loading:
             return
-        if self._alive(self.optimizers):
+        if self._alive(self.optimizers) and not self._evaluating():
             self._restore_for_replay()
+
+    @staticmethod
+    def _evaluating() -> bool:
+        """Whether gradients are off (``torch.no_grad``, ``inference_mode``): an evaluation,
+        which a script often runs on one rank only (nanoGPT's ``estimate_loss``, on the master
+        process, with a ``range`` loop). A restore is collective, so it waits for a point every
+        rank reaches: restoring there hung the job (the other ranks were in their first
+        step's gradient all-reduce)."""
+        return not torch.is_grad_enabled()
 
     def restore_at_first_step(self, optimizer: torch.optim.Optimizer) -> None:
         """In the first optimizer step, for a script that iterated no DataLoader before it.
@@ -1416,8 +1427,9 @@ class Runtime:
             resumes = self.resume_positions
             if track.index < len(resumes):
                 track.take_resume(resumes[track.index])
-        if not self.restore_done and self._alive(self.optimizers):
+        if not self.restore_done and self._alive(self.optimizers) and not self._evaluating():
             # Not before an optimizer exists: a batch peeked to size the model comes first.
+            # Not in an evaluation pass: maybe one rank's only (`_evaluating`).
             self.restore()
         self.loops.observe(sys._getframe(), ("iter", track.index, track.passes))
         pass_index = track.passes
