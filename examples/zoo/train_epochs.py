@@ -2,6 +2,7 @@
 
 ``ZOO_SAMPLER=bucket``: a batch sampler of the script's own instead (batches of similar
 "length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
+``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training.
 
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
@@ -60,6 +61,10 @@ def main() -> None:
     else:
         sampler = DistributedSampler(data, shuffle=True, seed=7)
         loader = DataLoader(data, batch_size=batch, sampler=sampler)
+    if os.environ.get("ZOO_EVAL_FIRST") == "1" and rank == 0:
+        with torch.no_grad():
+            for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
+                nn.functional.mse_loss(model.module(vx), vy)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         sampler.set_epoch(epoch)
         for ids, x, y in loader:

@@ -19,6 +19,8 @@ import copy
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -33,7 +35,7 @@ from torch.utils.data import (
 )
 from torch.utils.data.distributed import DistributedSampler
 
-from lattice.addon import collective
+from lattice.addon import collective, loops
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Position:
     # This rank's `stream` state at the checkpoint (each rank's is saved apart: not in
     # `to_state`, which is the same on every rank).
     stream: Any = None
+    site: str | None = None  # where the loader was made (`site`): which loader this is
 
     def had_steps(self, pass_index: int) -> bool:
         """Whether the restored state holds steps made during pass ``pass_index``."""
@@ -76,6 +79,7 @@ class Position:
             "world": self.world,
             "counter": self.counter,
             "generator": self.generator,
+            "site": self.site,
         }
 
     @classmethod
@@ -92,6 +96,7 @@ class Position:
             int(raw.get("world", 1)),
             int(raw["counter"]) if raw.get("counter") is not None else None,
             raw.get("generator"),
+            site=raw.get("site"),
         )
 
 
@@ -110,6 +115,7 @@ class LoaderTrack:
     stepped: list[list[int]] = field(default_factory=list)  # see Position.stepped
     # An adapter around a DataLoader (accel.py) that counts its passes in this attribute.
     counter: str | None = None
+    site: str | None = None  # see `site`
 
     def take_resume(self, position: Position) -> None:
         self.resume = position
@@ -127,7 +133,7 @@ class LoaderTrack:
     def position(self, loader: DataLoader) -> Position:
         sampler, batch = index_source(loader)
         stepped = [list(r) for r in self.stepped]
-        at = Position(max(self.passes - 1, 0), 0, self.done, None, stepped)
+        at = Position(max(self.passes - 1, 0), 0, self.done, None, stepped, site=self.site)
         if self.counter is not None:
             at.counter = getattr(loader, self.counter, None)
         drawn = random_sampler(loader)  # the pass's order came from a random draw
@@ -146,6 +152,32 @@ class LoaderTrack:
 # Samplers whose order a pass follows by index; the ones that draw it keep it (`DRAWN`).
 DRAWN = (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)
 KNOWN = (DistributedSampler, SequentialSampler, *DRAWN)
+SITE = "_lattice_site"  # set on each DataLoader as it is made (`site`)
+
+
+def site(start: FrameType | None, seen: dict[str, int]) -> str | None:
+    """Where a DataLoader is made: the script's line (file name, function, line) and how
+    many were made there before (``seen``, counted per process). The same on every rank, unlike
+    the order loaders are first iterated in: a loader one rank iterates alone (an evaluation on
+    the master process before training) shifted every later one's index on that rank, and
+    positions were saved from one rank's order."""
+    frames = loops.user_frames(start)
+    if not frames:
+        return None
+    code = frames[0].f_code
+    where = f"{Path(code.co_filename).name}:{code.co_qualname}:{frames[0].f_lineno}"
+    seen[where] = seen.get(where, 0) + 1
+    return f"{where}#{seen[where] - 1}"
+
+
+def matching(track: LoaderTrack, positions: list[Position]) -> Position | None:
+    """The saved position of ``track``'s loader: by `site` when the checkpoint has them,
+    else by the order loaders were first iterated in (an older checkpoint)."""
+    if track.site is not None and any(p.site is not None for p in positions):
+        return next((p for p in positions if p.site == track.site), None)
+    return positions[track.index] if track.index < len(positions) else None
+
+
 INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.py)
 DISPATCHED = "_lattice_dispatched"  # set on an adapter class whose pass cannot resume (accel.py)
 

@@ -3,6 +3,7 @@ fast-forward, DataLoader iteration, and DDP's teardown at exit."""
 
 from __future__ import annotations
 
+import sys
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -63,6 +64,15 @@ def patch_torch(rt: Runtime) -> None:
         return rt.loader_iter(self, loader_iter)
 
     DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
+
+    loader_init = DataLoader.__init__
+
+    def __init__(self: DataLoader, *args: Any, **kwargs: Any) -> None:
+        loader_init(self, *args, **kwargs)
+        if data.SITE not in self.__dict__:  # a subclass's __init__ calls this one's
+            self.__dict__[data.SITE] = data.site(sys._getframe(1), rt.loader_sites)
+
+    DataLoader.__init__ = __init__  # type: ignore[method-assign]
     data.patch_samplers()
     patch_ddp_teardown()
 

@@ -103,6 +103,7 @@ class Runtime:
         self.averaged: list[weakref.ref[Any]] = []  # swa_utils.AveragedModel (SWA / EMA)
         self.emas: list[weakref.ref[Any]] = []  # EMAs kept as bare tensors (shadows.TRACKED)
         self.loaders: list[weakref.ref[DataLoader]] = []
+        self.loader_sites: dict[str, int] = {}  # DataLoaders made at each site (`data.site`)
         self.registered: dict[str, Any] = {}
         self.trainer: weakref.ref[Any] | None = None  # a transformers.Trainer inside train()
         self.trainer_checkpoint: dict[str, Any] | None = None  # restored, for Trainer to load
@@ -1020,8 +1021,9 @@ class Runtime:
                 )
         self.resume_positions = positions
         for _loader, tr in self.tracks():
-            if tr.index < len(positions):
-                tr.take_resume(positions[tr.index])
+            position = data.matching(tr, positions)
+            if position is not None:
+                tr.take_resume(position)
         # Passes before the checkpoint's that made steps are fast-forwarded (their scheduler
         # steps suppressed), the others (evaluation, a peeked batch) run again; the RNG is
         # restored at the checkpoint's pass.
@@ -1421,12 +1423,13 @@ class Runtime:
             return self.inner_pass(original(loader))
         track: data.LoaderTrack | None = loader.__dict__.get("_lattice_track")
         if track is None:
-            track = data.LoaderTrack(index=len(self.loaders), counter=counter)
+            made_at = getattr(loader, data.SITE, None)  # an adapter's: its inner loader's
+            track = data.LoaderTrack(index=len(self.loaders), counter=counter, site=made_at)
             loader._lattice_track = track  # type: ignore[attr-defined]
             self.loaders.append(weakref.ref(loader))
-            resumes = self.resume_positions
-            if track.index < len(resumes):
-                track.take_resume(resumes[track.index])
+            position = data.matching(track, self.resume_positions)
+            if position is not None:
+                track.take_resume(position)
         if not self.restore_done and self._alive(self.optimizers) and not self._evaluating():
             # Not before an optimizer exists: a batch peeked to size the model comes first.
             # Not in an evaluation pass: maybe one rank's only (`_evaluating`).

@@ -21,6 +21,9 @@ CASES = [
     ("train_epochs.py", 2, 8, {}),  # epoch loop, set_epoch, per-epoch scheduler
     # a batch sampler of the script's own (length bucketing), resumed by count
     ("train_epochs.py", 2, 8, {"ZOO_SAMPLER": "bucket"}),
+    # rank 0 alone iterates an evaluation DataLoader first: loaders are matched by where they
+    # were made, not by the order each rank first iterated them in
+    ("train_epochs.py", 2, 8, {"ZOO_EVAL_FIRST": "1"}),
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),

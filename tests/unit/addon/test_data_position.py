@@ -263,3 +263,19 @@ def test_a_known_samplers_subclass_with_its_own_iter_resumes_by_count() -> None:
         [7, 6, 5, 4],
         [3, 2, 1, 0],
     ]
+
+
+def test_loaders_are_matched_by_where_they_were_made() -> None:
+    import sys
+
+    seen: dict[str, int] = {}
+    made = [data.site(sys._getframe(), seen) for _ in range(2)]  # one line, twice
+    other = data.site(sys._getframe(), seen)
+    assert made[0] is not None and made[0].endswith("#0") and made[1].endswith("#1")
+    assert other is not None and other.rsplit("#", 1)[0] != made[0].rsplit("#", 1)[0]
+    saved = [data.Position(0, 4, False, site=made[1]), data.Position(0, 8, False, site=made[0])]
+    track = data.LoaderTrack(index=1, site=made[0])  # first iterated second on this rank
+    assert data.matching(track, saved) is saved[1]
+    assert data.matching(data.LoaderTrack(index=0, site=other), saved) is None
+    older = [data.Position(0, 4, False), data.Position(0, 8, False)]  # no sites: by order
+    assert data.matching(track, older) is older[1]
