@@ -443,8 +443,8 @@ class Runtime:
 
     def _keeping(self) -> bool:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
-        if self.keep_off or self.registered:
-            return False  # state the addon cannot vouch for (a registered object's)
+        if self.keep_off:
+            return False
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -524,6 +524,10 @@ class Runtime:
             for kind, refs in (("scheduler", self.schedulers), ("scaler", self.scalers)):
                 for i, obj in enumerate(self._alive(refs)):  # named as `objects` names them
                     states[f"{kind}.{i}"] = copy.deepcopy(obj.state_dict())
+        for name, obj in self.registered.items():
+            # Anything may change a registered object between the boundary and a failure:
+            # its state is copied here (its cost counts against keeping, `_keep_boundary`).
+            states[f"user.{name}"] = state.detached_copy(obj.state_dict())
         self.kept = failed_step.Boundary(
             step=self.step,
             generation=self.generation,

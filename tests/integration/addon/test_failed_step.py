@@ -67,6 +67,8 @@ def restart(launcher: Launcher, script: str, **env: str) -> str:
         ("train_after_step.py", 1, {}),  # BatchNorm: the failed step's forward moved its buffers
         ("train_stream.py", 1, {}),  # a stateful IterableDataset: the dead rank's in its record
         ("train_torchdata.py", 1, {}),  # a StatefulDataLoader: its own state, in the record too
+        # lattice.register: the object's state is copied at each boundary (it was not kept)
+        ("train_register.py", 1, {}),
         ("train_trainer.py", 1, {}),  # transformers.Trainer (its log: one line per step's end)
         ("train_getbatch.py", 1, {}),  # no DataLoader: the boundary is right after the update
         # nanoGPT's loop: the dead rank's next batch, drawn before the update, is in its record

@@ -46,6 +46,7 @@ CASES = [
     # DistributedSampler on two ranks), killed in the second epoch
     ("train_torchdata.py", 1, 17, {}),
     ("train_torchdata.py", 2, 9, {}),
+    ("train_register.py", 2, 8, {}),  # lattice.register: state of the script's own (an lr)
     ("train_amp.py", 1, 13, {}),  # autocast float16 + GradScaler("cpu") with skipped steps
     ("train_ema.py", 1, 15, {}),  # AveragedModel EMA updated every step (not in the optimizer)
     # … a deep copy: held by an object with an update counter (YOLO's ModelEMA), inside a
