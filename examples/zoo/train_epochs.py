@@ -2,7 +2,8 @@
 
 ``ZOO_SAMPLER=bucket``: a batch sampler of the script's own instead (batches of similar
 "length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
-``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training.
+``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training;
+``ZOO_LOADER_PER_EPOCH=1``: a new DataLoader every epoch (and a validation one after it).
 
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
@@ -61,18 +62,28 @@ def main() -> None:
     else:
         sampler = DistributedSampler(data, shuffle=True, seed=7)
         loader = DataLoader(data, batch_size=batch, sampler=sampler)
+    per_epoch = os.environ.get("ZOO_LOADER_PER_EPOCH") == "1"
     if os.environ.get("ZOO_EVAL_FIRST") == "1" and rank == 0:
         with torch.no_grad():
             for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
                 nn.functional.mse_loss(model.module(vx), vy)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         sampler.set_epoch(epoch)
+        if per_epoch:
+            loader = DataLoader(data, batch_size=batch, sampler=sampler)
         for ids, x, y in loader:
             log_batch(rank, epoch, ids)
             loss = nn.functional.mse_loss(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if per_epoch:
+            seen = 0
+            with torch.no_grad():
+                for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
+                    seen += len(vx)
+                    nn.functional.mse_loss(model.module(vx), vy)
+            assert seen == 8, "the validation loader saw no batch"
         sched.step()
     if rank == 0:
         save_params(model.module)

@@ -61,6 +61,9 @@ class Position:
     # `to_state`, which is the same on every rank).
     stream: Any = None
     site: str | None = None  # where the loader was made (`site`): which loader this is
+    # Not saved: stands for a loader made before the checkpoint's at the same place (a new
+    # DataLoader every epoch), whose passes are all before it (`matching`).
+    earlier: bool = False
 
     def had_steps(self, pass_index: int) -> bool:
         """Whether the restored state holds steps made during pass ``pass_index``."""
@@ -174,8 +177,25 @@ def matching(track: LoaderTrack, positions: list[Position]) -> Position | None:
     """The saved position of ``track``'s loader: by `site` when the checkpoint has them,
     else by the order loaders were first iterated in (an older checkpoint)."""
     if track.site is not None and any(p.site is not None for p in positions):
-        return next((p for p in positions if p.site == track.site), None)
+        same = next((p for p in positions if p.site == track.site), None)
+        return same if same is not None else _earlier_making(track.site, positions)
     return positions[track.index] if track.index < len(positions) else None
+
+
+def _earlier_making(made: str, positions: list[Position]) -> Position | None:
+    """For a loader made where the checkpoint's was, but before it (a script that makes a new
+    DataLoader every epoch): its passes all came before the checkpoint, and when the later
+    one's made optimizer steps, so did they: all of them are fast-forwarded. None for a
+    loader whose later makings made no step (a validation loader made every epoch)."""
+    where, _, count = made.rpartition("#")
+    later = []
+    for p in positions:
+        other, _, n = (p.site or "").rpartition("#")
+        if other == where and n.isdigit() and count.isdigit() and int(n) > int(count):
+            later.append(p)
+    if not any(p.stepped is None or p.stepped for p in later):
+        return None
+    return Position(0, 0, True, earlier=True, site=made)
 
 
 INNER = "_lattice_inner"  # set on a DataLoader that an adapter iterates (accel.py)

@@ -1441,6 +1441,12 @@ class Runtime:
         self.loops.observe(sys._getframe(), ("iter", track.index, track.passes))
         pass_index = track.passes
         resume = track.resume
+        if resume is not None and resume.earlier:
+            # Made before the checkpoint's loader at the same place: its steps are in the
+            # restored state, and so are the scheduler steps after them.
+            track.passes, track.done = pass_index + 1, True
+            self.suppress_scheduler = True
+            return iter(())
         if self.loops.jump and resume is not None and pass_index < resume.pass_index:
             pass_index = resume.pass_index  # a resumed step loop: straight to the checkpoint
         track.passes = pass_index + 1

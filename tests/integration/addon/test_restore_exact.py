@@ -24,6 +24,9 @@ CASES = [
     # rank 0 alone iterates an evaluation DataLoader first: loaders are matched by where they
     # were made, not by the order each rank first iterated them in
     ("train_epochs.py", 2, 8, {"ZOO_EVAL_FIRST": "1"}),
+    # a new DataLoader every epoch (and a validation one): the earlier epochs' loaders are
+    # earlier makings of the checkpoint's, their passes fast-forwarded; killed in epoch 2
+    ("train_epochs.py", 2, 15, {"ZOO_LOADER_PER_EPOCH": "1"}),
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),

@@ -279,3 +279,15 @@ def test_loaders_are_matched_by_where_they_were_made() -> None:
     assert data.matching(data.LoaderTrack(index=0, site=other), saved) is None
     older = [data.Position(0, 4, False), data.Position(0, 8, False)]  # no sites: by order
     assert data.matching(track, older) is older[1]
+
+
+def test_a_loader_made_before_the_checkpoints_at_the_same_place_is_fast_forwarded() -> None:
+    """A new DataLoader every epoch: the epochs before the checkpoint's have their own."""
+    train = data.Position(0, 8, False, stepped=[[0, 0]], site="s.py:main:9#2")
+    val = data.Position(0, 0, True, stepped=[], site="s.py:main:20#1")  # made no step
+    saved = [train, val]
+    earlier = data.matching(data.LoaderTrack(index=0, site="s.py:main:9#0"), saved)
+    assert earlier is not None and earlier.earlier
+    assert data.matching(data.LoaderTrack(index=1, site="s.py:main:20#0"), saved) is None
+    assert data.matching(data.LoaderTrack(index=2, site="s.py:main:9#3"), saved) is None
+    assert data.matching(data.LoaderTrack(index=3, site="s.py:main:9#2"), saved) is train
