@@ -3,7 +3,8 @@
 ``ZOO_SAMPLER=bucket``: a batch sampler of the script's own instead (batches of similar
 "length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
 ``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training;
-``ZOO_LOADER_PER_EPOCH=1``: a new DataLoader every epoch (and a validation one after it).
+``ZOO_LOADER_PER_EPOCH=1``: a new DataLoader every epoch (and a validation one after it);
+``ZOO_ZIP=1``: a second, shorter task's loader zipped with the first (multi-task training).
 
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
@@ -63,17 +64,28 @@ def main() -> None:
         sampler = DistributedSampler(data, shuffle=True, seed=7)
         loader = DataLoader(data, batch_size=batch, sampler=sampler)
     per_epoch = os.environ.get("ZOO_LOADER_PER_EPOCH") == "1"
+    aux = None
+    if os.environ.get("ZOO_ZIP") == "1":  # shorter: the zip ends with it, mid-pass of `loader`
+        other = IdDataset(32, features=8)
+        aux_sampler = DistributedSampler(other, shuffle=True, seed=11)
+        aux = DataLoader(other, batch_size=batch, sampler=aux_sampler)
     if os.environ.get("ZOO_EVAL_FIRST") == "1" and rank == 0:
         with torch.no_grad():
             for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
                 nn.functional.mse_loss(model.module(vx), vy)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         sampler.set_epoch(epoch)
+        if aux is not None:
+            aux_sampler.set_epoch(epoch)
         if per_epoch:
             loader = DataLoader(data, batch_size=batch, sampler=sampler)
-        for ids, x, y in loader:
+        pairs = zip(loader, aux, strict=False) if aux is not None else None
+        for item in pairs if pairs is not None else loader:
+            (ids, x, y), extra = item if pairs is not None else (item, None)
             log_batch(rank, epoch, ids)
             loss = nn.functional.mse_loss(model(x), y)
+            if extra is not None:
+                loss = loss + 0.5 * nn.functional.mse_loss(model(extra[1]), -extra[2])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -27,6 +27,8 @@ CASES = [
     # a new DataLoader every epoch (and a validation one): the earlier epochs' loaders are
     # earlier makings of the checkpoint's, their passes fast-forwarded; killed in epoch 2
     ("train_epochs.py", 2, 15, {"ZOO_LOADER_PER_EPOCH": "1"}),
+    # two loaders zipped (multi-task): the shorter ends each epoch mid-pass of the other
+    ("train_epochs.py", 2, 9, {"ZOO_ZIP": "1"}),
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),
