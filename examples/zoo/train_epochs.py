@@ -4,7 +4,8 @@
 "length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
 ``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training;
 ``ZOO_LOADER_PER_EPOCH=1``: a new DataLoader every epoch (and a validation one after it);
-``ZOO_ZIP=1``: a second, shorter task's loader zipped with the first (multi-task training).
+``ZOO_ZIP=1``: a second, shorter task's loader zipped with the first (multi-task training);
+``ZOO_ZERO=1``: ``ZeroRedundancyOptimizer`` (each rank holds its shard of the optimizer state).
 
 Run with torchrun / `lattice run`; gloo on CPU. Unmodified: knows nothing about Lattice.
 """
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from _zoo import IdDataset, log_batch, save_params
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -53,7 +55,12 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if os.environ.get("ZOO_ZERO") == "1":
+        opt = ZeroRedundancyOptimizer(
+            model.parameters(), optimizer_class=torch.optim.SGD, lr=0.05, momentum=0.9
+        )
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
     data = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
     batch = int(os.environ.get("ZOO_BATCH", "4"))

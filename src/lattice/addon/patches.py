@@ -42,11 +42,15 @@ def patch_torch(rt: Runtime) -> None:
     shadows.patch_copies(rt.module_copied)
 
     def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if rt.wrapped(opt):
+            return  # stepped inside its wrapper's step, whose hooks count
         rt.stepping = True
         if (rt.replay_due or not (rt.restore_done or rt.replay_tried)) and not rt.loading:
             rt.restore_at_first_step(opt)
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if rt.wrapped(opt):
+            return
         rt.stepping = False
         rt.note_step(opt)
         if rt.replaying:

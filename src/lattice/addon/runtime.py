@@ -221,6 +221,26 @@ class Runtime:
     def _alive(self, refs: list[weakref.ref[Any]]) -> list[Any]:
         return [obj for obj in (ref() for ref in refs) if obj is not None]
 
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers, less one another wraps: ``ZeroRedundancyOptimizer``'s local one
+        (made in its ``__init__``, holding this rank's shard), whose state is part of the
+        wrapper's; tracked apart, it was saved from one rank and loaded into another's."""
+        live = self._alive(self.optimizers)
+        inner = self._wrapped(live)
+        return [opt for opt in live if id(opt) not in inner] if inner else live
+
+    @staticmethod
+    def _wrapped(live: list[Any]) -> set[int]:
+        return {
+            id(o.optim)
+            for o in live
+            if hasattr(o, "consolidate_state_dict") and hasattr(o, "optim")
+        }
+
+    def wrapped(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` is one another steps (`_optimizers`): its hooks are not steps."""
+        return id(optimizer) in self._wrapped(self._alive(self.optimizers))
+
     def models(self) -> list[nn.Module]:
         """Top-level modules owning the optimizers' parameters (DDP/FSDP wrappers unwrapped).
 
@@ -237,7 +257,7 @@ class Runtime:
         self.copies += 1
 
     def _scan(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
-        key = tuple(id(obj) for obj in (*self._alive(self.optimizers), *self._alive(self.emas)))
+        key = tuple(id(obj) for obj in (*self._optimizers(), *self._alive(self.emas)))
         cached = self._models_cache
         if cached is not None and cached[0] == key:
             # A module copied since: scanned again, within a share of the time (a script may
@@ -267,7 +287,7 @@ class Runtime:
 
     def _find_models(self) -> tuple[list[nn.Module], list[shadows_.Shadow]]:
         order: dict[int, tuple[int, int]] = {}
-        for oi, opt in enumerate(self._alive(self.optimizers)):
+        for oi, opt in enumerate(self._optimizers()):
             pi = 0
             for group in opt.param_groups:
                 for p in group["params"]:
@@ -308,8 +328,9 @@ class Runtime:
             return found
         for i, m in enumerate(self.models()):
             found[f"model.{i}"] = m
+        for i, opt in enumerate(self._optimizers()):
+            found[f"optimizer.{i}"] = opt
         for kind, refs in (
-            ("optimizer", self.optimizers),
             ("scheduler", self.schedulers),
             ("scaler", self.scalers),
             ("averaged", self.averaged),
@@ -348,13 +369,13 @@ class Runtime:
 
     def closing_index(self) -> int:
         """The closing optimizer's place in creation order (0 until it is known)."""
-        live = self._alive(self.optimizers)
+        live = self._optimizers()
         return next((i for i, opt in enumerate(live) if id(opt) == self.closing), 0)
 
     def on_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.loading:
             return
-        live = self._alive(self.optimizers)
+        live = self._optimizers()
         if not live:
             return
         if self.trainer is not None:  # Trainer's on_step_end is the boundary
@@ -445,6 +466,8 @@ class Runtime:
         """Whether steps are kept for failures (failed_step.py) in this process, now."""
         if self.keep_off:
             return False
+        if any(hasattr(opt, "consolidate_state_dict") for opt in self._optimizers()):
+            return False  # ZeroRedundancyOptimizer: a dead rank's optimizer shard dies with it
         models = self.models()
         key = tuple(id(m) for m in models)
         if self._sharded is None or self._sharded[0] != key:
@@ -478,7 +501,7 @@ class Runtime:
         if not self.tensors.varying:
             return b""
         if self._owned is None or self.step % loops.EVERY_FETCH == 0:
-            self._owned = script_tensors.owned_storages(self.models(), self._alive(self.optimizers))
+            self._owned = script_tensors.owned_storages(self.models(), self._optimizers())
         return self.tensors.record(sys._getframe(), self._owned)
 
     def _keep_boundary(self) -> None:
@@ -735,9 +758,11 @@ class Runtime:
             self._proposal(),
             tensors,
             [data.stream_state(ld) for ld, _ in self.tracks()],
+            self.local_rank() == 0,
         )
         dist = collective.dist()
         gathered = collective.everyone(dist, mine)
+        self._consolidate([rank for rank, g in enumerate(gathered) if g[6]])
         rngs = [g[0] for g in gathered]
         self.last_snapshot = self.step
         proposed = max(g[3] for g in gathered)  # the same on every rank
@@ -787,7 +812,7 @@ class Runtime:
         """This rank's batch tensors in the script's frames (script_tensors.py)."""
         if not self.tensors.varying:
             return []
-        owned = script_tensors.owned_storages(self.models(), self._alive(self.optimizers))
+        owned = script_tensors.owned_storages(self.models(), self._optimizers())
         return self.tensors.capture(sys._getframe(), owned)
 
     def _upload_report(self, pieces: bool) -> tuple[Any, bool]:
@@ -1051,6 +1076,17 @@ class Runtime:
         say(f"restored step {step} from {origin}")
         return True
 
+    def _consolidate(self, writers: list[int]) -> None:
+        """A ``ZeroRedundancyOptimizer``'s state is spread over the ranks: every rank sends
+        its shard to each rank that writes the replicated state (each node's local rank 0),
+        one collective per writer, before they call its ``state_dict`` (which raises otherwise:
+        such a script crashed at its first checkpoint). Its ``load_state_dict`` takes the whole
+        state and keeps each rank's shard."""
+        for opt in self._optimizers():
+            if callable(getattr(opt, "consolidate_state_dict", None)):
+                for rank in writers:
+                    opt.consolidate_state_dict(to=rank)
+
     def _take_streams(
         self, positions: list[data.Position], streams: list[list[Any]], recorded: list[Any]
     ) -> None:
@@ -1088,7 +1124,7 @@ class Runtime:
         Not in a loop that runs without gradients (`_evaluating`)."""
         if self.restore_done or self.replay_tried or self.trainer is not None or self.loading:
             return
-        if self._alive(self.optimizers) and not self._evaluating():
+        if self._optimizers() and not self._evaluating():
             self._restore_for_replay()
 
     @staticmethod
@@ -1118,7 +1154,7 @@ class Runtime:
         (the earlier ones step the fresh state, which the restore then replaces), or, made at
         a loop's start, drops every update of the replayed iteration up to that one's.
         """
-        live = self._alive(self.optimizers)
+        live = self._optimizers()
         index = next((i for i, opt in enumerate(live) if opt is optimizer), 0)
         if not (self.restore_done or self.replay_tried):
             self._restore_for_replay(index)
@@ -1148,7 +1184,7 @@ class Runtime:
             # optimizer's step (`deferred`: tried again there, from the stash).
             self.replay_tried = not self.deferred
             return
-        live = self._alive(self.optimizers)
+        live = self._optimizers()
         if self.replay_closing < len(live):
             self.closing = id(live[self.replay_closing])
         self.replay_due = True
@@ -1434,7 +1470,7 @@ class Runtime:
             position = data.matching(track, self.resume_positions)
             if position is not None:
                 track.take_resume(position)
-        if not self.restore_done and self._alive(self.optimizers) and not self._evaluating():
+        if not self.restore_done and self._optimizers() and not self._evaluating():
             # Not before an optimizer exists: a batch peeked to size the model comes first.
             # Not in an evaluation pass: maybe one rank's only (`_evaluating`).
             self.restore()

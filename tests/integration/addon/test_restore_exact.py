@@ -29,6 +29,9 @@ CASES = [
     ("train_epochs.py", 2, 15, {"ZOO_LOADER_PER_EPOCH": "1"}),
     # two loaders zipped (multi-task): the shorter ends each epoch mid-pass of the other
     ("train_epochs.py", 2, 9, {"ZOO_ZIP": "1"}),
+    # ZeroRedundancyOptimizer: each rank holds a shard of the optimizer state (its state_dict
+    # raised unless consolidated: such a script crashed at its first checkpoint)
+    ("train_epochs.py", 2, 8, {"ZOO_ZERO": "1"}),
     ("train_accum.py", 2, 11, {}),  # per-step scheduler, dropout, accumulation (odd → mid-window)
     # SequentialLR (warm-up, then cosine) steps two schedulers; killed past its milestone
     ("train_accum.py", 2, 11, {"ZOO_SCHED": "warmup_cosine"}),
