@@ -325,6 +325,9 @@ def _resume_stream(loader: DataLoader, position: Position) -> tuple[int | None, 
         return position.batches, None
     if holder is loader:
         subject, why = f"this {type(loader).__name__}", _why_not(position)
+    elif not issubclass(type(loader), DataLoader):
+        subject = f"this {type(loader).__name__}'s IterableDataset"
+        why = "is read ahead of the loop by it"
     elif holder is None and loader.num_workers:
         subject = "this DataLoader's IterableDataset"
         why = "keeps its state in the DataLoader's workers (num_workers > 0)"
@@ -371,6 +374,8 @@ def stream(loader: DataLoader) -> Any | None:
     iterated in this process (``num_workers=0``: a worker's copy would be the one moving)."""
     if stateful_loader(loader):
         return loader
+    if not issubclass(type(loader), DataLoader):
+        return None  # an adapter (accelerate's shard) reads a batch ahead of the loop
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) or loader.num_workers:
         return None

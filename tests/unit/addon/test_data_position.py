@@ -291,3 +291,22 @@ def test_a_loader_made_before_the_checkpoints_at_the_same_place_is_fast_forwarde
     assert data.matching(data.LoaderTrack(index=1, site="s.py:main:20#0"), saved) is None
     assert data.matching(data.LoaderTrack(index=2, site="s.py:main:9#3"), saved) is None
     assert data.matching(data.LoaderTrack(index=3, site="s.py:main:9#2"), saved) is train
+
+
+class Adapter:
+    """accelerate's shard's shape: not a DataLoader, forwards reads to one, reads ahead."""
+
+    def __init__(self, inner: DataLoader) -> None:
+        self.base_dataloader = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.base_dataloader, name)
+
+
+def test_a_stream_read_ahead_by_an_adapter_is_not_resumed_from_its_state() -> None:
+    """Its state is a batch past the loop's: loading it would skip a batch."""
+    shard = Adapter(DataLoader(StatefulStream(), batch_size=2))
+    assert data.stream(shard) is None  # type: ignore[arg-type]
+    saved = data.Position(0, 0, False, batches=1, world=1, stream={"offset": 4})
+    start, note = data.arm_skip(shard, saved)  # type: ignore[arg-type]
+    assert start is None and note is not None and "read ahead" in note
