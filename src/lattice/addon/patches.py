@@ -3,6 +3,7 @@ fast-forward, DataLoader iteration, and DDP's teardown at exit."""
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import weakref
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 def track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
     original = cls.__init__
 
+    @functools.wraps(original)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         if not any(ref() is self for ref in refs):
@@ -71,6 +73,7 @@ def patch_torch(rt: Runtime) -> None:
 
     loader_init = DataLoader.__init__
 
+    @functools.wraps(loader_init)  # its signature: libraries read it to make a loader again
     def __init__(self: DataLoader, *args: Any, **kwargs: Any) -> None:
         loader_init(self, *args, **kwargs)
         if data.SITE not in self.__dict__:  # a subclass's __init__ calls this one's
