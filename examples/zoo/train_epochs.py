@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from _zoo import IdDataset, log_batch, save_params
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
@@ -56,6 +55,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)))
     if os.environ.get("ZOO_ZERO") == "1":
+        # Imported only here: it pulls in torch.distributed's rpc and FSDP modules, and with
+        # them at module level the other cases' plain runs (no Lattice) hung now and then.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         opt = ZeroRedundancyOptimizer(
             model.parameters(), optimizer_class=torch.optim.SGD, lr=0.05, momentum=0.9
         )
