@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from lattice.addon import data, imports
+from lattice.addon import data, imports, patches
 
 MODULE = "accelerate.data_loader"
 COUNTER = "iteration"  # DataLoaderShard's finished passes, its set_epoch argument
@@ -47,23 +47,17 @@ def patch(rt: Any, module: Any) -> None:
 
 
 def _wrap(rt: Any, adapter: type) -> None:
-    original = adapter.__iter__
-    if getattr(original, "_lattice", False):
-        return
+    def iterate(self: Any, original: Any) -> Any:
+        def counted(self: Any) -> Any:
+            start = getattr(self, COUNTER, None)
+            yield from original(self)
+            if start is not None and getattr(self, COUNTER, None) == start:
+                setattr(self, COUNTER, start + 1)  # an empty pass (resumed at its end) counts
 
-    def counted(self: Any) -> Any:
-        start = getattr(self, COUNTER, None)
-        yield from original(self)
-        if start is not None and getattr(self, COUNTER, None) == start:
-            setattr(self, COUNTER, start + 1)  # an empty pass (resumed at its end) counts too
-
-    @functools.wraps(original)
-    def __iter__(self: Any) -> Any:
         self.base_dataloader.__dict__[data.INNER] = True
         return rt.loader_iter(self, counted, counter=COUNTER)
 
-    __iter__._lattice = True  # type: ignore[attr-defined]
-    adapter.__iter__ = __iter__  # type: ignore[method-assign]
+    patches.wrap_iter(adapter, iterate)
 
 
 def install(rt: Any) -> None:

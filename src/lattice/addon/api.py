@@ -9,9 +9,10 @@ from lattice.common.errors import UserError
 
 def register(obj: Any, name: str | None = None) -> Any:
     """Checkpoint ``obj`` (anything with ``state_dict``/``load_state_dict``) with the rest."""
-    if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+    from lattice.addon import data, runtime
+
+    if not data.has_state(obj):
         raise UserError(f"lattice.register: {type(obj).__name__} has no state_dict/load_state_dict")
-    from lattice.addon import runtime
 
     rt = runtime.current()
     if rt is not None:

@@ -361,10 +361,15 @@ def stateful_loader(loader: DataLoader) -> bool:
     its sampler's, its workers' datasets', with prefetching counted): that state is its
     position, per rank, like a `stream`'s."""
     kind = type(loader)  # not ``loader.__class__``: accelerate's adapters answer DataLoader
-    methods = (getattr(kind, name, None) for name in ("state_dict", "load_state_dict"))
     # A DataLoader subclass: accelerate's adapters (which wrap one, and whose state_dict
     # serves only a StatefulDataLoader inside) have their own handling (accel.py).
-    return issubclass(kind, DataLoader) and all(callable(m) for m in methods)
+    return issubclass(kind, DataLoader) and has_state(kind)
+
+
+def has_state(obj: Any) -> bool:
+    """Whether ``obj`` can say where it stands and be put back there: callable ``state_dict``
+    and ``load_state_dict`` (torch's convention, torchdata's ``Stateful``)."""
+    return all(callable(getattr(obj, name, None)) for name in ("state_dict", "load_state_dict"))
 
 
 def stream(loader: DataLoader) -> Any | None:
@@ -379,8 +384,7 @@ def stream(loader: DataLoader) -> Any | None:
     dataset = loader.dataset
     if not isinstance(dataset, IterableDataset) or loader.num_workers:
         return None
-    methods = (getattr(dataset, name, None) for name in ("state_dict", "load_state_dict"))
-    return dataset if all(callable(m) for m in methods) else None
+    return dataset if has_state(dataset) else None
 
 
 def stream_state(loader: DataLoader) -> Any:

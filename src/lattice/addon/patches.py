@@ -7,6 +7,7 @@ import functools
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,7 +19,11 @@ if TYPE_CHECKING:
     from lattice.addon.runtime import Runtime
 
 
-def track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
+def track_init(
+    cls: type, refs: list[weakref.ref[Any]], made: Callable[[], None] | None = None
+) -> None:
+    """Keep a weak reference in ``refs`` to each object ``cls.__init__`` makes, and call
+    ``made`` then (what is derived from ``refs`` is stale)."""
     original = cls.__init__
 
     @functools.wraps(original)
@@ -27,8 +32,25 @@ def track_init(cls: type, refs: list[weakref.ref[Any]]) -> None:
         if not any(ref() is self for ref in refs):
             refs[:] = [ref for ref in refs if ref() is not None]  # (a loader per evaluation)
             refs.append(weakref.ref(self))
+            if made is not None:
+                made()
 
     cls.__init__ = __init__  # type: ignore[method-assign]
+
+
+def wrap_iter(cls: type, iterate: Callable[[Any, Callable[[Any], Any]], Any]) -> None:
+    """Route ``cls.__iter__`` through ``iterate(self, original)`` (`Runtime.loader_iter`, or an
+    adapter's step before it), once: its signature kept, marked so a second patch is a no-op."""
+    original = cls.__iter__
+    if getattr(original, "_lattice", False):
+        return
+
+    @functools.wraps(original)
+    def __iter__(self: Any) -> Any:
+        return iterate(self, original)
+
+    __iter__._lattice = True  # type: ignore[attr-defined]
+    cls.__iter__ = __iter__  # type: ignore[method-assign]
 
 
 def patch_torch(rt: Runtime) -> None:
@@ -37,7 +59,7 @@ def patch_torch(rt: Runtime) -> None:
         register_optimizer_step_pre_hook,
     )
 
-    track_init(torch.optim.Optimizer, rt.optimizers)
+    track_init(torch.optim.Optimizer, rt.optimizers, rt.optimizer_made)
     patch_schedulers(rt)
     track_init(torch.amp.GradScaler, rt.scalers)
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
@@ -64,12 +86,7 @@ def patch_torch(rt: Runtime) -> None:
     register_optimizer_step_pre_hook(pre_step)
     register_optimizer_step_post_hook(post_step)
 
-    loader_iter = DataLoader.__iter__
-
-    def __iter__(self: DataLoader) -> Any:
-        return rt.loader_iter(self, loader_iter)
-
-    DataLoader.__iter__ = __iter__  # type: ignore[method-assign]
+    wrap_iter(DataLoader, rt.loader_iter)
 
     loader_init = DataLoader.__init__
 

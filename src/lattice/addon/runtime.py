@@ -98,6 +98,7 @@ class Runtime:
         self.mode, self.every = every
         self.interval = int(self.every) if self.mode == "steps" else 1
         self.optimizers: list[weakref.ref[torch.optim.Optimizer]] = []
+        self._inner: set[int] | None = None  # `_wrapped`'s answer since the last making
         self.schedulers: list[weakref.ref[Any]] = []
         self.scalers: list[weakref.ref[Any]] = []
         self.averaged: list[weakref.ref[Any]] = []  # swa_utils.AveragedModel (SWA / EMA)
@@ -226,20 +227,26 @@ class Runtime:
         (made in its ``__init__``, holding this rank's shard), whose state is part of the
         wrapper's; tracked apart, it was saved from one rank and loaded into another's."""
         live = self._alive(self.optimizers)
-        inner = self._wrapped(live)
+        inner = self._wrapped()
         return [opt for opt in live if id(opt) not in inner] if inner else live
 
-    @staticmethod
-    def _wrapped(live: list[Any]) -> set[int]:
-        return {
-            id(o.optim)
-            for o in live
-            if hasattr(o, "consolidate_state_dict") and hasattr(o, "optim")
-        }
+    def _wrapped(self) -> set[int]:
+        """The ids of the inner optimizers, found again only after one was made (a
+        wrapper makes its inner one in its ``__init__``, or lazily: that too is a making)."""
+        if self._inner is None:
+            self._inner = {
+                id(o.optim)
+                for o in self._alive(self.optimizers)
+                if hasattr(o, "consolidate_state_dict") and hasattr(o, "optim")
+            }
+        return self._inner
+
+    def optimizer_made(self) -> None:
+        self._inner = None
 
     def wrapped(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` is one another steps (`_optimizers`): its hooks are not steps."""
-        return id(optimizer) in self._wrapped(self._alive(self.optimizers))
+        return id(optimizer) in self._wrapped()
 
     def models(self) -> list[nn.Module]:
         """Top-level modules owning the optimizers' parameters (DDP/FSDP wrappers unwrapped).

@@ -10,23 +10,13 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from lattice.addon import imports
+from lattice.addon import imports, patches
 
 MODULE = "torchdata.stateful_dataloader.stateful_dataloader"
 
 
 def patch(rt: Any, module: Any) -> None:
-    cls = module.StatefulDataLoader
-    original = cls.__iter__
-    if getattr(original, "_lattice", False):
-        return
-
-    @functools.wraps(original)
-    def __iter__(self: Any) -> Any:
-        return rt.loader_iter(self, original)
-
-    __iter__._lattice = True  # type: ignore[attr-defined]
-    cls.__iter__ = __iter__
+    patches.wrap_iter(module.StatefulDataLoader, rt.loader_iter)
 
 
 def install(rt: Any) -> None:

@@ -23,7 +23,8 @@ DEADLINE_S = 90.0
 # torch's own teardown races (gloo dropping a finished collective while the interpreter
 # finalizes; a DDP reducer kept past destroy_process_group, pytorch#56297) abort a plain run
 # now and then after its work is done; the addon avoids both (patches.yield_to_collectives,
-# the reducer released at destroy), a plain run has no such help.
+# the reducer released at destroy), a plain run has no such help. It can hang there too
+# (`Run.settle`).
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
@@ -39,6 +40,25 @@ class Run:
         codes = []
         for proc in self.procs:
             codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        return codes
+
+    def settle(
+        self, out: Path, grace: float = 20.0, timeout: float = DEADLINE_S
+    ) -> list[int | None]:
+        """Exit codes once every process ended, or ``grace`` seconds after ``out`` was written
+        (the run's work done): a process still alive then is stuck in torch's teardown at exit
+        (gloo, pytorch#56297) and is killed, its code None."""
+        deadline = time.monotonic() + timeout
+        written: float | None = None
+        while any(proc.poll() is None for proc in self.procs):
+            now = time.monotonic()
+            if written is None and out.exists():
+                written = now
+            if now > deadline or (written is not None and now - written > grace):
+                break
+            time.sleep(0.05)
+        codes = [proc.poll() for proc in self.procs]
+        self.kill()
         return codes
 
     def kill(self) -> None:

@@ -89,8 +89,10 @@ def baseline(launcher: Launcher, script: str, world: int, **extra: str) -> Path:
         ZOO_LOG=str(launcher.tmp / "base"),
         **extra,
     )
-    codes = run.wait()
-    torn = all(code in (0, -6) for code in codes) and TEARDOWN_ABORT in run.output()
+    codes = run.settle(out)
+    # torch's teardown at exit, after the work is done, may abort (-6, saying so) or hang
+    # (None: killed once the output was written)
+    torn = set(codes) <= {0, -6, None} and (-6 not in codes or TEARDOWN_ABORT in run.output())
     assert codes == [0] * world or (torn and out.exists()), run.output()
     return out
 

@@ -364,3 +364,77 @@ def test_this_machines_own_name_and_interface_address_count_as_this_machine() ->
     if mine.startswith("127."):
         pytest.skip("the only route is loopback")
     assert service_tier._on_this_machine(f"http://{mine}:9000")
+
+
+def test_register_takes_only_what_can_save_and_load_its_state() -> None:
+    """``state_dict`` as a plain attribute (a dict some object keeps) is not a way to save."""
+    from lattice.addon import api
+
+    class Keeps:
+        state_dict: dict[str, int] = {}
+
+        def load_state_dict(self, state: dict[str, int]) -> None:
+            pass
+
+    class Saves(Keeps):
+        def state_dict(self) -> dict[str, int]:  # type: ignore[override]
+            return {}
+
+    with pytest.raises(UserError, match="Keeps has no state_dict/load_state_dict"):
+        api.register(Keeps())
+    saves = Saves()
+    assert api.register(saves) is saves and data.has_state(saves) and data.has_state(Saves)
+
+
+def test_an_inner_optimizer_is_known_again_only_after_an_optimizer_is_made(
+    tmp_path: Path,
+) -> None:
+    """`Runtime.wrapped` runs in both step hooks: its answer is kept until a making (a
+    wrapper's inner optimizer may be made lazily, after the wrapper: then it is found)."""
+    from lattice.addon import patches
+
+    rt = runtime.Runtime(tmp_path, None, ("steps", 1.0))
+
+    class Wrapper:
+        def __init__(self) -> None:
+            pass
+
+        def consolidate_state_dict(self) -> None:
+            pass
+
+    class Inner:
+        def __init__(self) -> None:
+            pass
+
+    patches.track_init(Wrapper, rt.optimizers, rt.optimizer_made)
+    patches.track_init(Inner, rt.optimizers, rt.optimizer_made)
+    wrapper = Wrapper()
+    assert not rt.wrapped(wrapper)  # no inner one yet: the answer is kept ...
+    wrapper.optim = Inner()  # type: ignore[attr-defined]
+    assert rt.wrapped(wrapper.optim) and not rt.wrapped(wrapper)  # ... until this making
+    assert rt._optimizers() == [wrapper]
+    rt._inner = {id(wrapper)}  # a kept answer is used as is: nothing recomputed per call
+    assert rt.wrapped(wrapper)
+
+
+def test_an_iterator_routed_through_the_addon_keeps_its_signature_and_is_routed_once() -> None:
+    import inspect
+
+    from lattice.addon import patches
+
+    calls: list[str] = []
+
+    class Loader:
+        def __iter__(self) -> Any:
+            """Own docstring."""
+            return iter([1, 2])
+
+    def iterate(self: Any, original: Callable[[Any], Any]) -> Any:
+        calls.append("routed")
+        return original(self)
+
+    patches.wrap_iter(Loader, iterate)
+    patches.wrap_iter(Loader, iterate)
+    assert list(Loader()) == [1, 2] and calls == ["routed"]
+    assert Loader.__iter__.__doc__ == "Own docstring."
+    assert inspect.unwrap(Loader.__iter__).__doc__ == "Own docstring."  # the original's
