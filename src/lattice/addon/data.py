@@ -253,6 +253,7 @@ def _patch_sampler(cls: type, record_order: bool) -> None:
     def __iter__(self: Any) -> Iterator[int]:
         skip = self.__dict__.pop("_lattice_skip", None)
         if skip is None:
+            self.__dict__.pop("_lattice_left", None)
             if record_order:
                 order = list(original(self))
                 self._lattice_order = order
@@ -260,15 +261,38 @@ def _patch_sampler(cls: type, record_order: bool) -> None:
             return original(self)
         consumed, order = skip
         if isinstance(self, DistributedSampler):
-            return iter(_split(_distributed_order(self)[consumed:], self))
-        if order is None:  # a checkpoint that did not keep it (an older one): drawn again
-            order = list(original(self)) if record_order else list(range(len(self.data_source)))
-        if record_order:
-            self._lattice_order = order
-        return iter(order[consumed:])
+            rest = _split(_distributed_order(self)[consumed:], self)
+        else:
+            if order is None:  # a checkpoint that did not keep it (an older one): drawn again
+                order = list(original(self)) if record_order else list(range(len(self.data_source)))
+            if record_order:
+                self._lattice_order = order
+            rest = order[consumed:]
+        return iter(rest)
 
     __iter__._lattice = True  # type: ignore[attr-defined]
     cls.__iter__ = __iter__  # type: ignore[method-assign]
+
+
+def _left(sampler: Any, consumed: int) -> int:
+    """The indices a pass of ``sampler`` resumed after ``consumed`` hands this rank (as
+    `_split` cuts them, without drawing the order: the sampler runs at the first fetch)."""
+    if isinstance(sampler, DistributedSampler):
+        rest, world = max(len(sampler.dataset) - consumed, 0), sampler.num_replicas  # type: ignore[arg-type]
+        return rest // world if sampler.drop_last else -(-rest // world)
+    return max(len(sampler) - consumed, 0)
+
+
+def resumed_batches(loader: DataLoader) -> int | None:
+    """The batches ``loader``'s resumed pass hands this rank, or None when its pass was not
+    resumed by index. A loop that counts its own batches (Lightning: the
+    epoch ends when the count reaches the loader's length) must count the skipped part in the
+    new world's terms: after a resize, the remaining samples are split anew."""
+    sampler, batch = index_source(loader)
+    left = getattr(sampler, "_lattice_left", None) if sampler is not None else None
+    if left is None or not batch:
+        return None
+    return left // batch if loader.drop_last else -(-left // batch)
 
 
 def patch_samplers() -> None:
@@ -291,6 +315,7 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     sampler, _ = index_source(loader)
     if sampler is not None and position.batches is None:
         sampler._lattice_skip = (position.consumed, position.order)
+        sampler._lattice_left = _left(sampler, position.consumed)  # (`resumed_batches`)
         return position.consumed, None
     if stateful_loader(loader) or isinstance(loader.dataset, IterableDataset):
         return _resume_stream(loader, position)

@@ -65,12 +65,13 @@ def patch_torch(rt: Runtime) -> None:
     track_init(torch.optim.swa_utils.AveragedModel, rt.averaged)
     shadows.patch_copies(rt.module_copied)
 
-    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def pre_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
         if rt.wrapped(opt):
             return  # stepped inside its wrapper's step, whose hooks count
         rt.stepping = True
         if (rt.replay_due or not (rt.restore_done or rt.replay_tried)) and not rt.loading:
             rt.restore_at_first_step(opt)
+        return _outside_step(rt, args, kwargs)
 
     def post_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if rt.wrapped(opt):
@@ -99,6 +100,26 @@ def patch_torch(rt: Runtime) -> None:
     DataLoader.__init__ = __init__  # type: ignore[method-assign]
     data.patch_samplers()
     patch_ddp_teardown()
+
+
+def _outside_step(rt: Runtime, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+    """A step's closure (Lightning's automatic optimization runs the forward and backward
+    inside ``optimizer.step(closure)``) runs before the update: a failure there (a peer died
+    in the gradient all-reduce) leaves the parameters whole, so the step is not marked as cut
+    in half while it runs (`Runtime.save_failed_step`)."""
+    closure = kwargs.get("closure", args[0] if args else None)
+    if not callable(closure):
+        return None
+
+    def outside() -> Any:
+        rt.stepping = False
+        result = closure()
+        rt.stepping = True  # (not on a raise: the update never began)
+        return result
+
+    if "closure" in kwargs:
+        return args, {**kwargs, "closure": outside}
+    return (outside, *args[1:]), kwargs
 
 
 def patch_schedulers(rt: Runtime) -> None:

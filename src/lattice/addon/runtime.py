@@ -36,6 +36,7 @@ from lattice.addon import (
     data,
     failed_step,
     hf,
+    lightning,
     local_tier,
     loops,
     patches,
@@ -1559,9 +1560,18 @@ class Runtime:
             self.generator_to_restore()
             self.generator_to_restore = None
 
+    def close_pass(self, loader: Any) -> None:
+        """The loop is done with ``loader``'s current pass though it neither exhausted it nor
+        let go of its iterator (Lightning's evaluation loop stops by count and keeps it):
+        steps made from now on are not that pass's (`LoaderTrack.mark_step`)."""
+        track = getattr(loader, "_lattice_track", None)
+        if track is not None and self.open_passes.get(id(track)) is track:
+            del self.open_passes[id(track)]
+
     def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
         self.open_passes[id(track)] = track
-        pass_key = (id(track), track.passes)
+        passes = track.passes
+        pass_key = (id(track), passes)
         try:
             while True:
                 if self.loops_due:
@@ -1576,8 +1586,8 @@ class Runtime:
                 track.yielded += 1
                 yield batch
         finally:  # exhausted, or the loop let go of it (break, a peek with next())
-            if self.open_passes.get(id(track)) is track:
-                del self.open_passes[id(track)]
+            if self.open_passes.get(id(track)) is track and track.passes == passes:
+                del self.open_passes[id(track)]  # (not a later pass's, started since)
 
 
 _RUNTIME: Runtime | None = None
@@ -1608,6 +1618,7 @@ def activate() -> Runtime | None:
     accel.install(rt)  # DataLoader semantics, part of the torch patching
     stateful.install(rt)
     shadows_.install(rt)
+    lightning.install(rt)  # Lightning steers by counters of its own: part of torch's
     if "transformers" in settings.autopatch_parts(dict(os.environ)):
         hf.install(rt)
     atexit.register(patches.yield_to_collectives)  # atexit runs the last registered first: after

@@ -72,6 +72,18 @@ CASES = [
     ("train_trainer.py", 1, 11, {}),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9, {}),  # … restored at the end of an epoch (8 steps per epoch)
     ("train_trainer.py", 2, 7, {}),  # … two processes (DDP over gloo), 4 steps per epoch
+    # PyTorch Lightning's Trainer.fit: its own counters (batch index, global step) steer its
+    # loop (the epoch's scheduler step at the epoch's last batch by count) …
+    ("train_lightning.py", 1, 17, {}),
+    # … its accumulation windows, a per-step scheduler, max_steps (ends mid-epoch 2); killed
+    # mid-window
+    ("train_lightning.py", 1, 17, {"ZOO_ACCUMULATE": "2"}),
+    # … validation twice an epoch (val_check_interval), resumed just before one; and
+    # EarlyStopping, killed between the two validations that make it stop
+    ("train_lightning.py", 1, 17, {"ZOO_VAL": "1"}),
+    ("train_lightning.py", 1, 33, {"ZOO_VAL": "1"}),
+    # … DDP on two ranks (torchelastic's environment, as the agent gives it)
+    ("train_lightning.py", 2, 9, {"TORCHELASTIC_RUN_ID": "zoo"}),
     ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
     # an optimizer step on a dummy batch before the loader loop: not the checkpoint's replay
     ("train_steps.py", 1, 15, {"ZOO_WARMUP_STEP": "1"}),

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from lattice.addon import sharded
@@ -40,15 +41,27 @@ def safepoint(launcher: Launcher, run_world: int, after: int) -> int:
     return len(id_lines(launcher.tmp))
 
 
-def test_resize_two_three_two_consumes_every_sample_once(launcher: Launcher) -> None:
+@pytest.mark.parametrize(
+    ("script", "env"),
+    [
+        ("train_epochs.py", {}),
+        # Lightning counts the epoch's batches itself and ends the epoch at the loader's length:
+        # after a resize, the count must be the new world's (torchelastic's env, as the agent's)
+        ("train_lightning.py", {"TORCHELASTIC_RUN_ID": "zoo"}),
+    ],
+)
+def test_resize_two_three_two_consumes_every_sample_once(
+    launcher: Launcher, script: str, env: dict[str, str]
+) -> None:
     out = launcher.tmp / "final.pt"
-    launcher.start("train_epochs.py", 2, ZOO_OUT=str(out), **ENV)
+    env = {**ENV, **env}
+    launcher.start(script, 2, ZOO_OUT=str(out), **env)
     steps_before = safepoint(launcher, 2, after=3)  # mid-epoch 0 (6 batches per epoch)
-    second = launcher.start("train_epochs.py", 3, ZOO_OUT=str(out), **ENV)
+    second = launcher.start(script, 3, ZOO_OUT=str(out), **env)
     poll(lambda: "restored step" in second.output(), "restore at world 3")
     assert f"restored step {steps_before}" in second.output()  # the safe point lost no step
     safepoint(launcher, 3, after=steps_before + 5)  # mid-epoch 1
-    third = launcher.start("train_epochs.py", 2, ZOO_OUT=str(out), **ENV)
+    third = launcher.start(script, 2, ZOO_OUT=str(out), **env)
     assert third.wait() == [0, 0], third.output()
     assert out.exists()
     seen = consumed_per_epoch(launcher.tmp)

@@ -310,3 +310,25 @@ def test_a_stream_read_ahead_by_an_adapter_is_not_resumed_from_its_state() -> No
     saved = data.Position(0, 0, False, batches=1, world=1, stream={"offset": 4})
     start, note = data.arm_skip(shard, saved)  # type: ignore[arg-type]
     assert start is None and note is not None and "read ahead" in note
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("consumed", [0, 7, 23, 24])
+def test_the_batches_a_resumed_pass_hands_out_are_known_before_it_runs(
+    drop_last: bool, consumed: int
+) -> None:
+    """A loop that counts an epoch's batches itself (Lightning) counts what the resume
+    skipped in the new world's terms (`resumed_batches`): its sampler runs only at the first
+    fetch, after the count is needed."""
+    data.patch_samplers()
+    for rank in range(3):  # a world of 3 resuming where a world of 2 stood
+        split = DistributedSampler(DATASET, num_replicas=3, rank=rank, drop_last=drop_last)
+        loader = DataLoader(DATASET, batch_size=2, sampler=split, drop_last=drop_last)
+        assert data.arm_skip(loader, data.Position(0, consumed, False)) == (consumed, None)
+        known = data.resumed_batches(loader)
+        assert known == len(list(loader))
+    plain = DataLoader(DATASET, batch_size=5, shuffle=True, drop_last=drop_last)
+    data.arm_skip(plain, data.Position(0, consumed, False, order=list(range(24))))
+    assert data.resumed_batches(plain) == len(list(plain))
+    assert len(list(plain)) == (24 // 5 if drop_last else 5)  # the next pass: whole ...
+    assert data.resumed_batches(plain) is None  # ... and not a resumed one

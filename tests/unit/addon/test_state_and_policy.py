@@ -438,3 +438,29 @@ def test_an_iterator_routed_through_the_addon_keeps_its_signature_and_is_routed_
     assert list(Loader()) == [1, 2] and calls == ["routed"]
     assert Loader.__iter__.__doc__ == "Own docstring."
     assert inspect.unwrap(Loader.__iter__).__doc__ == "Own docstring."  # the original's
+
+
+def test_a_step_whose_closure_failed_is_not_marked_as_cut_in_half() -> None:
+    """Lightning runs forward and backward inside ``optimizer.step(closure)``: a failure there
+    (a peer died in the all-reduce) leaves the parameters whole, so the step may be saved."""
+    import types
+
+    from lattice.addon import patches
+
+    rt = types.SimpleNamespace(stepping=True)
+    seen: list[bool] = []
+
+    def closure() -> float:
+        seen.append(rt.stepping)
+        return 1.0
+
+    def failing() -> float:
+        raise RuntimeError("Connection reset by peer")
+
+    args, kwargs = patches._outside_step(rt, (closure,), {})  # type: ignore[arg-type,misc]
+    assert args[0]() == 1.0 and seen == [False] and rt.stepping  # the update comes next
+    args, kwargs = patches._outside_step(rt, (), {"closure": failing})  # type: ignore[arg-type,misc]
+    with pytest.raises(RuntimeError):
+        kwargs["closure"]()
+    assert not rt.stepping
+    assert patches._outside_step(rt, (), {}) is None  # type: ignore[arg-type]
