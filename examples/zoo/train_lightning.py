@@ -4,7 +4,9 @@ DistributedSampler), a shuffled DataLoader. ``ZOO_ACCUMULATE=N``: Lightning's gr
 accumulation, a per-step scheduler, and ``max_steps`` ending the run mid-epoch.
 ``ZOO_VAL=1``: a validation DataLoader run twice an epoch (``val_check_interval``) and
 ``EarlyStopping`` on its loss (it ends the run at the end of epoch 2 of 4, its patience counted
-across epoch 2's two validations). Unmodified: knows nothing about Lattice.
+across epoch 2's two validations). ``ZOO_DATAMODULE=1``: the loaders come from a
+``LightningDataModule`` (training with two workers), and Lightning's default logger and
+``ModelCheckpoint`` are on. Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -50,6 +52,23 @@ class Regressor(L.LightningModule):
         return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)]
 
 
+class Data(L.LightningDataModule):
+    """The loaders made by Lightning's calls (workers prefetching for training)."""
+
+    def __init__(self, validate: bool) -> None:
+        super().__init__()
+        self.validate = validate
+
+    def setup(self, stage: str) -> None:
+        self.train, self.val = IdDataset(48), IdDataset(8)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=4, shuffle=True, num_workers=2)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=4) if self.validate else []
+
+
 def main() -> None:
     L.seed_everything(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -65,17 +84,20 @@ def main() -> None:
         accumulate_grad_batches=ACCUMULATE,
         val_check_interval=0.5 if validate else None,
         callbacks=[EarlyStopping("val_loss", min_delta=0.05, patience=2)] if validate else None,
-        logger=False,
-        enable_checkpointing=False,
+        logger=(defaults := os.environ.get("ZOO_DATAMODULE") == "1"),
+        enable_checkpointing=defaults,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    samples = int(os.environ.get("ZOO_SAMPLES", "48"))
-    loader = DataLoader(
-        IdDataset(samples), batch_size=int(os.environ.get("ZOO_BATCH", "4")), shuffle=True
-    )
-    val = DataLoader(IdDataset(8), batch_size=4) if validate else None
-    trainer.fit(model, loader, val)
+    if os.environ.get("ZOO_DATAMODULE") == "1":
+        trainer.fit(model, datamodule=Data(validate))
+    else:
+        samples = int(os.environ.get("ZOO_SAMPLES", "48"))
+        loader = DataLoader(
+            IdDataset(samples), batch_size=int(os.environ.get("ZOO_BATCH", "4")), shuffle=True
+        )
+        val = DataLoader(IdDataset(8), batch_size=4) if validate else None
+        trainer.fit(model, loader, val)
     if trainer.global_rank == 0:
         save_params(model.net)
 

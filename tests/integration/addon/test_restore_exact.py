@@ -82,6 +82,9 @@ CASES = [
     # EarlyStopping, killed between the two validations that make it stop
     ("train_lightning.py", 1, 17, {"ZOO_VAL": "1"}),
     ("train_lightning.py", 1, 33, {"ZOO_VAL": "1"}),
+    # … loaders from a LightningDataModule (two workers), validation, default logger and
+    # ModelCheckpoint on
+    ("train_lightning.py", 1, 17, {"ZOO_DATAMODULE": "1", "ZOO_VAL": "1"}),
     # … DDP on two ranks (torchelastic's environment, as the agent gives it)
     ("train_lightning.py", 2, 9, {"TORCHELASTIC_RUN_ID": "zoo"}),
     ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
