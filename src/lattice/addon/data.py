@@ -292,7 +292,9 @@ def resumed_batches(loader: DataLoader) -> int | None:
     left = getattr(sampler, "_lattice_left", None) if sampler is not None else None
     if left is None or not batch:
         return None
-    return left // batch if loader.drop_last else -(-left // batch)
+    # The batch sampler's: one the script gives keeps its own (the DataLoader's is then False).
+    drop = getattr(loader.batch_sampler, "drop_last", False)
+    return left // batch if drop else -(-left // batch)
 
 
 def patch_samplers() -> None:

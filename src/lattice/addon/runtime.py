@@ -1565,7 +1565,11 @@ class Runtime:
         let go of its iterator (Lightning's evaluation loop stops by count and keeps it):
         steps made from now on are not that pass's (`LoaderTrack.mark_step`)."""
         track = getattr(loader, "_lattice_track", None)
-        if track is not None and self.open_passes.get(id(track)) is track:
+        if track is not None:
+            self._close(track)
+
+    def _close(self, track: data.LoaderTrack) -> None:
+        if self.open_passes.get(id(track)) is track:
             del self.open_passes[id(track)]
 
     def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
@@ -1586,8 +1590,8 @@ class Runtime:
                 track.yielded += 1
                 yield batch
         finally:  # exhausted, or the loop let go of it (break, a peek with next())
-            if self.open_passes.get(id(track)) is track and track.passes == passes:
-                del self.open_passes[id(track)]  # (not a later pass's, started since)
+            if track.passes == passes:  # (not a later pass's, started since)
+                self._close(track)
 
 
 _RUNTIME: Runtime | None = None
