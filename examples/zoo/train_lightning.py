@@ -6,7 +6,9 @@ accumulation, a per-step scheduler, and ``max_steps`` ending the run mid-epoch.
 ``EarlyStopping`` on its loss (it ends the run at the end of epoch 2 of 4, its patience counted
 across epoch 2's two validations). ``ZOO_DATAMODULE=1``: the loaders come from a
 ``LightningDataModule`` (training with two workers), and Lightning's default logger and
-``ModelCheckpoint`` are on. Unmodified: knows nothing about Lattice.
+``ModelCheckpoint`` are on. ``ZOO_CKPT_PATH=1``: Lightning's own resume, as its docs show it: a
+``ModelCheckpoint(save_last=True)`` every 5 steps (beside $ZOO_OUT) and ``fit(ckpt_path="last")``.
+Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import lightning as L
 import torch
 from _zoo import IdDataset, log_batch, save_params
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -73,6 +75,13 @@ def main() -> None:
     L.seed_everything(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate = os.environ.get("ZOO_VAL") == "1"
+    own_resume = os.environ.get("ZOO_CKPT_PATH") == "1"
+    callbacks: list[L.Callback] = []
+    if validate:
+        callbacks.append(EarlyStopping("val_loss", min_delta=0.05, patience=2))
+    if own_resume:
+        where = os.environ["ZOO_OUT"] + ".ckpts"
+        callbacks.append(ModelCheckpoint(where, save_last=True, every_n_train_steps=5))
     model = Regressor()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -83,21 +92,21 @@ def main() -> None:
         max_steps=15 if ACCUMULATE > 1 else -1,
         accumulate_grad_batches=ACCUMULATE,
         val_check_interval=0.5 if validate else None,
-        callbacks=[EarlyStopping("val_loss", min_delta=0.05, patience=2)] if validate else None,
+        callbacks=callbacks,
         logger=(defaults := os.environ.get("ZOO_DATAMODULE") == "1"),
-        enable_checkpointing=defaults,
+        enable_checkpointing=defaults or own_resume,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
     if os.environ.get("ZOO_DATAMODULE") == "1":
-        trainer.fit(model, datamodule=Data(validate))
+        trainer.fit(model, datamodule=Data(validate), ckpt_path="last" if own_resume else None)
     else:
         samples = int(os.environ.get("ZOO_SAMPLES", "48"))
         loader = DataLoader(
             IdDataset(samples), batch_size=int(os.environ.get("ZOO_BATCH", "4")), shuffle=True
         )
         val = DataLoader(IdDataset(8), batch_size=4) if validate else None
-        trainer.fit(model, loader, val)
+        trainer.fit(model, loader, val, ckpt_path="last" if own_resume else None)
     if trainer.global_rank == 0:
         save_params(model.net)
 

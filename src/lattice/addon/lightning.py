@@ -55,6 +55,7 @@ class Counters:
                 callbacks[callback.state_key] = state
         return {
             "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,  # against a ``ckpt_path`` checkpoint's
             "loop": self.loop.state_dict(),
             "callbacks": callbacks,
         }
@@ -161,6 +162,55 @@ def patch_evaluation(rt: Any, module: Any) -> None:
     cls.run = wrapped_run
 
 
+def patch_resume(rt: Any, module: Any) -> None:
+    """Wrap ``_CheckpointConnector.resume_start`` (idempotent): of a ``fit(ckpt_path=…)``
+    checkpoint and the addon's, the newer is restored (see `choose`)."""
+    cls = module._CheckpointConnector
+    original = cls.resume_start
+    if getattr(original, "_lattice", False):
+        return
+
+    @functools.wraps(original)
+    def resume_start(self: Any, checkpoint_path: Any = None, *args: Any, **kwargs: Any) -> None:
+        original(self, checkpoint_path, *args, **kwargs)
+        if self._loaded_checkpoint and self.trainer.state.fn == "fit":
+            choose(rt, self, checkpoint_path)
+
+    resume_start._lattice = True  # type: ignore[attr-defined]
+    cls.resume_start = resume_start
+
+
+def choose(rt: Any, connector: Any, path: Any) -> None:
+    """``fit(ckpt_path="last")`` is Lightning's documented resume: restarted, the script loads
+    its own last checkpoint, older than the addon's (ModelCheckpoint saves every N steps or
+    epochs) and, mid-epoch, inexact (a plain DataLoader's epoch starts over). Loaded over the
+    addon's restore, the run went back to it and crashed. So Lightning's checkpoint is set
+    aside when the addon's is as new (by global step); it is used where the addon has none (a
+    new job resuming an older one's checkpoint) or an older one."""
+    if rt.restore_done:  # restored (or not) at an earlier fit of this process: the script's
+        return
+    ours = rt.pending_checkpoint()  # collective: every rank is here
+    theirs = int(connector._loaded_checkpoint.get("global_step", 0))
+    if ours is None:
+        why = "the addon has no checkpoint of this job"
+        rt.forgo_restore(f"fit(ckpt_path={str(path)!r}): Lightning resumes from it ({why})", theirs)
+        return
+    mine = (ours.get(f"user.{NAME}") or {}).get("global_step")
+    if mine is None or theirs > mine:
+        rt.forgo_restore(
+            f"fit(ckpt_path={str(path)!r}) is at global step {theirs}, newer than the addon's "
+            f"checkpoint ({'taken before fit' if mine is None else f'global step {mine}'}): "
+            "Lightning resumes from it, the addon does not restore",
+            theirs,
+        )
+        return
+    connector._loaded_checkpoint, connector._ckpt_path = {}, None
+    rt.say(
+        f"fit(ckpt_path={str(path)!r}) not loaded: it is at global step {theirs}, the addon's "
+        f"checkpoint at {mine} (restored instead)"
+    )
+
+
 EPOCH_HOOKS = ("on_train_epoch_start", "on_train_epoch_end")
 
 
@@ -193,5 +243,10 @@ def install(rt: Any) -> None:
             ("loops.training_epoch_loop", "_TrainingEpochLoop", functools.partial(patch, rt)),
             ("loops.evaluation_loop", "_EvaluationLoop", functools.partial(patch_evaluation, rt)),
             ("trainer.call", "_call_callback_hooks", patch_hooks),
+            (
+                "trainer.connectors.checkpoint_connector",
+                "_CheckpointConnector",
+                functools.partial(patch_resume, rt),
+            ),
         ):
             imports.when_imported(f"{package}.{module}", ready, patcher, rt.say)

@@ -1121,6 +1121,24 @@ class Runtime:
             return step, local, str(local_tier.step_dir(self.root, step))
         return None
 
+    def pending_checkpoint(self) -> dict[str, Any] | None:
+        """The replicated state a restore would load, or None (collective: every rank calls
+        it). Read now and kept (`stash`) for that restore. For a framework's own resume
+        argument (Lightning's ``ckpt_path``, Trainer's ``resume_from_checkpoint``): the newer
+        of the two checkpoints is the one restored (`forgo_restore` where the framework's is)."""
+        if self.restore_done:
+            return None
+        self.stash = self.stash or self._newest()
+        return self.stash[1]["state"] if self.stash is not None else None
+
+    def forgo_restore(self, why: str, step: int) -> None:
+        """The framework resumes from a checkpoint of its own newer than the addon's, at
+        ``step``: the steps count on from there, so that the checkpoints this run takes rank
+        above the addon's older ones (a history the run left)."""
+        self.restore_done, self.stash = True, None
+        self.step = self.step_base = max(self.step, step)
+        say(why)
+
     def restore_at_loop_start(self) -> None:
         """A ``for … in range(…)`` loop of the main script starts once an optimizer exists.
         If the newest checkpoint was taken right after an update with no DataLoader pass

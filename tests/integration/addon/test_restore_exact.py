@@ -87,6 +87,9 @@ CASES = [
     ("train_lightning.py", 1, 17, {"ZOO_DATAMODULE": "1", "ZOO_VAL": "1"}),
     # … DDP on two ranks (torchelastic's environment, as the agent gives it)
     ("train_lightning.py", 2, 9, {"TORCHELASTIC_RUN_ID": "zoo"}),
+    # … Lightning's own resume too (ModelCheckpoint every 5 steps, fit(ckpt_path="last")): its
+    # checkpoint is older than the addon's, and not loaded over it
+    ("train_lightning.py", 1, 17, {"ZOO_CKPT_PATH": "1"}),
     ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
     # an optimizer step on a dummy batch before the loader loop: not the checkpoint's replay
     ("train_steps.py", 1, 15, {"ZOO_WARMUP_STEP": "1"}),
@@ -137,6 +140,36 @@ def test_kill_and_restart_is_bitwise_exact(
     log, exact = kill_and_restart(launcher, script, world, kill_after, **env)
     assert "restored step" in log
     assert exact
+
+
+@pytest.mark.parametrize("addon", [True, False], ids=["older-addon-checkpoint", "none"])
+def test_lightning_resumes_from_its_own_checkpoint_where_it_is_the_newer(
+    launcher: Launcher, addon: bool
+) -> None:
+    """``fit(ckpt_path="last")``, a ModelCheckpoint every 5 steps, the process gone at its 23rd
+    batch: Lightning's last checkpoint is of global step 20, the addon's (every 8 steps) of 16,
+    or there is none of the addon's (the first run without Lattice). Lightning's is restored and
+    the addon's not; the addon's steps count on from 20, so that its next checkpoints rank
+    above its older one. (Where the addon's is the newer, it is restored instead: the
+    ``ZOO_CKPT_PATH`` case of `CASES`.)"""
+    env = {
+        "ZOO_CKPT_PATH": "1",
+        "ZOO_OUT": str(launcher.tmp / "out.pt"),
+        "LATTICE_CHECKPOINT_EVERY": "8",
+    }
+    first = launcher.start("train_lightning.py", 1, lattice=addon, ZOO_DIE_AT="23", **env)
+    assert first.wait() == [137], first.output()
+    local = launcher.tmp / "local"
+    assert max(local_tier.steps(local), default=None) == (16 if addon else None)
+    second = launcher.start("train_lightning.py", 1, **env)
+    assert second.wait() == [0], second.output()
+    log = second.output()
+    assert "Restored all states from the checkpoint" in log and "restored step" not in log
+    if addon:
+        assert "global step 20, newer than the addon's checkpoint (global step 16)" in log
+    else:
+        assert "Lightning resumes from it (the addon has no checkpoint of this job)" in log
+    assert max(local_tier.steps(local)) > 20, log
 
 
 def test_accelerate_dispatching_an_iterable_dataset_neither_hangs_nor_changes_training(
