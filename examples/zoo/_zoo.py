@@ -28,17 +28,21 @@ _batches = 0  # logged by this process
 
 
 def log_batch(rank: int, epoch: int, ids: torch.Tensor) -> None:
-    """Append ``epoch id id ...`` to $ZOO_LOG.<rank> and pace the run by $ZOO_STEP_SLEEP.
-    ``ZOO_DIE_AT=N``: the process ends at its N-th batch as kill -9 would (no handler runs),
-    at a point known in advance."""
-    global _batches
-    _batches += 1
-    if _batches == int(os.environ.get("ZOO_DIE_AT", "0")):
-        os._exit(137)
+    """Append ``epoch id id ...`` to $ZOO_LOG.<rank>, then `pace`."""
     path = os.environ.get("ZOO_LOG")
     if path:
         with open(f"{path}.{rank}", "a") as fh:
             fh.write(f"{epoch} {' '.join(str(int(i)) for i in ids)}\n")
+    pace()
+
+
+def pace() -> None:
+    """Once a batch: sleep $ZOO_STEP_SLEEP. ``ZOO_DIE_AT=N``: the process ends at its N-th
+    call as kill -9 would end it (no handler runs), at a point known in advance."""
+    global _batches
+    _batches += 1
+    if _batches == int(os.environ.get("ZOO_DIE_AT", "0")):
+        os._exit(137)
     time.sleep(float(os.environ.get("ZOO_STEP_SLEEP", "0")))
 
 

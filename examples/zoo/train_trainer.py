@@ -1,21 +1,23 @@
 """transformers.Trainer: a tiny GPT-2 built from a config (nothing downloaded), a synthetic
 dataset of dicts, dropout, gradient accumulation, a linear schedule with warm-up, several epochs.
 
+``ZOO_RESUME=1``: Trainer's own resume, as its example scripts do it: a checkpoint folder every 5
+steps (in $ZOO_OUT.ckpts) and ``train(resume_from_checkpoint=get_last_checkpoint(...))``.
+
 Run with `python train_trainer.py` or under `lattice run`. Unmodified: knows nothing about
-Lattice (the progress callback only logs, and paces the run by $ZOO_STEP_SLEEP).
+Lattice (the progress callback only logs, and paces the run: `_zoo.pace`).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from _zoo import save_params
+from _zoo import pace, save_params
 from torch.utils.data import Dataset
 from transformers import (
     GPT2Config,
@@ -25,6 +27,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 VOCAB, LENGTH = 128, 16
 
@@ -53,14 +56,16 @@ class Progress(TrainerCallback):
         if path:
             with open(f"{path}.{os.environ.get('RANK', '0')}", "a") as fh:
                 fh.write(f"{state.epoch:.3f} {state.global_step}\n")
-        time.sleep(float(os.environ.get("ZOO_STEP_SLEEP", "0")))
+        pace()
 
 
 def main() -> None:
     set_seed(0)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=LENGTH)
     model = GPT2LMHeadModel(config)
-    with tempfile.TemporaryDirectory() as out:
+    own_resume = os.environ.get("ZOO_RESUME") == "1"
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.environ["ZOO_OUT"] + ".ckpts" if own_resume else scratch
         args = TrainingArguments(
             output_dir=out,
             max_steps=int(os.environ.get("ZOO_STEPS", "20")),
@@ -70,7 +75,8 @@ def main() -> None:
             warmup_steps=3,
             lr_scheduler_type="linear",
             weight_decay=0.01,
-            save_strategy="no",
+            save_strategy="steps" if own_resume else "no",
+            save_steps=5,
             logging_strategy="no",
             report_to=[],
             use_cpu=True,
@@ -84,7 +90,8 @@ def main() -> None:
             train_dataset=Tokens(int(os.environ.get("ZOO_SAMPLES", "64"))),
             callbacks=[Progress()],
         )
-        trainer.train()
+        last = get_last_checkpoint(out) if own_resume and os.path.isdir(out) else None
+        trainer.train(resume_from_checkpoint=last)
     if int(os.environ.get("RANK", "0")) == 0:
         save_params(model)
 

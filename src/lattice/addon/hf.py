@@ -107,6 +107,64 @@ def write_resume_folder(trainer: Any, got: dict[str, Any], folder: Path) -> Path
     return folder
 
 
+def choose(rt: Any, trainer: Any, given: Any) -> bool:
+    """Whether the addon's checkpoint is restored rather than ``resume_from_checkpoint``'s.
+
+    The script's own resume (``get_last_checkpoint(output_dir)``, or ``True``) finds the last
+    folder Trainer saved every ``save_steps``: older than the addon's. Of the two, the newer
+    (by global step) is restored; the script's where the addon has none, or one taken outside
+    Trainer; the addon's where the script's names none (``True`` with nothing saved)."""
+    if rt.restore_done:  # restored (or not) at an earlier train() of this process
+        return False
+    path = _folder(trainer, given)
+    theirs = _global_step(path)
+    ours = rt.pending_checkpoint()  # collective: every rank is here
+    mine = _global_step_of(ours)
+    if ours is not None and (theirs is None or (mine is not None and mine >= theirs)):
+        rt.say(
+            f"Trainer.train(resume_from_checkpoint={str(given)!r}) not loaded: "
+            + (f"its folder is at global step {theirs}, " if theirs is not None else "")
+            + f"the addon's checkpoint at {mine} (restored instead)"
+        )
+        return True
+    if theirs is not None:
+        mine_is = "none" if ours is None else "taken outside Trainer" if mine is None else mine
+        rt.forgo_restore(
+            f"Trainer.train(resume_from_checkpoint={str(given)!r}): Trainer resumes from its "
+            f"folder at global step {theirs} (the addon's checkpoint: {mine_is})",
+            theirs,
+        )
+    return False
+
+
+def _folder(trainer: Any, given: Any) -> Path | None:
+    """The folder ``resume_from_checkpoint`` names (``True``: the last in ``output_dir``)."""
+    if given is not True:
+        return Path(given)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = trainer.args.output_dir
+    last = get_last_checkpoint(out) if out and Path(out).is_dir() else None
+    return Path(last) if last else None
+
+
+def _global_step(folder: Path | None) -> int | None:
+    """A Trainer checkpoint folder's global step (None: no folder, or not a readable one)."""
+    if folder is None:
+        return None
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _global_step_of(replicated: dict[str, Any] | None) -> int | None:
+    """A checkpoint's Trainer global step (None: none, or not taken inside Trainer)."""
+    if replicated is None or STATE_KEY not in replicated:
+        return None
+    return int(json.loads(replicated[STATE_KEY]["json"])["global_step"])
+
+
 def patch(rt: Any, module: Any) -> None:
     """Wrap ``module.Trainer.train`` (idempotent)."""
     trainer_cls = module.Trainer
@@ -124,13 +182,11 @@ def patch(rt: Any, module: Any) -> None:
     @functools.wraps(original)
     def train(self: Any, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         folder = None
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        given = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        if not given or choose(rt, self, resume_from_checkpoint):
             folder = rt.trainer_resume(self)
-            if folder is not None:
-                resume_from_checkpoint = str(folder)
-        elif not rt.restore_done:
-            rt.restore_done = True
-            rt.say("Trainer.train(resume_from_checkpoint=...) given: the addon does not restore")
+            if folder is not None or given:
+                resume_from_checkpoint = None if folder is None else str(folder)
         callback = LatticeCallback()
         self.add_callback(callback)
         rt.trainer_begin(self)

@@ -172,6 +172,41 @@ def test_lightning_resumes_from_its_own_checkpoint_where_it_is_the_newer(
     assert max(local_tier.steps(local)) > 20, log
 
 
+@pytest.mark.parametrize(
+    ("every", "lattice_first", "restored"),
+    [("1", True, "addon"), ("8", True, "trainer"), ("1", False, "trainer")],
+    ids=["newer-addon-checkpoint", "older-addon-checkpoint", "none"],
+)
+def test_trainer_resume_from_checkpoint_the_newer_checkpoint_is_restored(
+    launcher: Launcher, every: str, lattice_first: bool, restored: str
+) -> None:
+    """``train(resume_from_checkpoint=get_last_checkpoint(out))``, Trainer saving every 5
+    steps, the process gone after step 13's optimizer step: Trainer's last folder is of global
+    step 10. The addon's, checkpointing every step, is of 12 or 13 (a write may lag a step):
+    it is restored instead, and the run ends bitwise as an uninterrupted one. Checkpointing
+    every 8 steps it is of 8; with a first run without Lattice there is none: Trainer resumes
+    from its folder, and the addon's steps count on from 10."""
+    env = {"ZOO_RESUME": "1", "LATTICE_CHECKPOINT_EVERY": every}
+    expected = baseline(launcher, "train_trainer.py", 1, **env) if restored == "addon" else None
+    out = launcher.tmp / "out.pt"
+    env["ZOO_OUT"] = str(out)
+    first = launcher.start(
+        "train_trainer.py", 1, lattice=lattice_first, ZOO_DIE_AT="13", ZOO_STEP_SLEEP="0.1", **env
+    )
+    assert first.wait() == [137], first.output()
+    local = launcher.tmp / "local"
+    second = launcher.start("train_trainer.py", 1, **env)
+    assert second.wait() == [0], second.output()
+    log = second.output()
+    if restored == "addon":
+        assert "its folder is at global step 10, the addon's checkpoint at 1" in log, log
+        assert expected is not None and bitwise_equal(params(expected), params(out))
+    else:
+        mine = "8" if lattice_first else "none"
+        assert f"folder at global step 10 (the addon's checkpoint: {mine})" in log, log
+        assert "restored step" not in log and max(local_tier.steps(local)) > 10
+
+
 def test_accelerate_dispatching_an_iterable_dataset_neither_hangs_nor_changes_training(
     launcher: Launcher,
 ) -> None:
