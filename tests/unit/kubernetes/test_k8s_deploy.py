@@ -222,3 +222,8 @@ def test_dockerfile_is_non_root_with_the_pinned_torch() -> None:
         if line and not line.startswith("#")
     ]
     assert ignore[0] == "*" and "!src/" in ignore
+    # every file the image copies is let into the build context, and installed as CI's is
+    for copied in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.MULTILINE):
+        for name in copied.split():
+            assert f"!{name}" in ignore or f"!{name}/" in ignore, name
+    assert re.search(r"pip install -c constraints\.txt \.", text)
