@@ -90,6 +90,10 @@ CASES = [
     # … Lightning's own resume too (ModelCheckpoint every 5 steps, fit(ckpt_path="last")): its
     # checkpoint is older than the addon's, and not loaded over it
     ("train_lightning.py", 1, 17, {"ZOO_CKPT_PATH": "1"}),
+    # Lightning Fabric: setup() wraps the model and optimizer, setup_dataloaders() the loader
+    # (it counts its passes itself, for set_epoch)
+    ("train_fabric.py", 1, 17, {}),
+    ("train_fabric.py", 2, 9, {"TORCHELASTIC_RUN_ID": "zoo"}),
     ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
     # an optimizer step on a dummy batch before the loader loop: not the checkpoint's replay
     ("train_steps.py", 1, 15, {"ZOO_WARMUP_STEP": "1"}),

@@ -1,0 +1,48 @@
+"""A Lightning Fabric script (the loop LitGPT and other Fabric users write): ``fabric.setup``
+wraps the model and optimizer, ``fabric.setup_dataloaders`` swaps in a DistributedSampler when
+WORLD_SIZE > 1 (DDP over gloo) and sets its epoch itself, ``fabric.backward``; dropout, a
+per-epoch scheduler made on the optimizer before ``setup``. Unmodified: knows nothing about
+Lattice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import lightning as L
+import torch
+from _zoo import IdDataset, log_batch, save_params
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+def main() -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    fabric = L.Fabric(
+        accelerator="cpu",
+        devices=local,
+        num_nodes=world // local,
+        strategy="ddp" if world > 1 else "auto",
+    )
+    fabric.launch()
+    fabric.seed_everything(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    model, optimizer = fabric.setup(model, optimizer)
+    loader = fabric.setup_dataloaders(DataLoader(IdDataset(48), batch_size=4, shuffle=True))
+    for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
+        for ids, x, y in loader:
+            log_batch(fabric.global_rank, epoch, ids)
+            loss = nn.functional.mse_loss(model(x), y)
+            optimizer.zero_grad()
+            fabric.backward(loss)
+            optimizer.step()
+        scheduler.step()
+    if fabric.global_rank == 0:
+        save_params(model)
+
+
+if __name__ == "__main__":
+    main()
