@@ -8,8 +8,10 @@ gloo when WORLD_SIZE > 1; with ``ZOO_EVAL_EVERY=K`` a validation DataLoader ever
 with ``ZOO_COMPILE=1`` the model is ``torch.compile``d before DDP wraps it, as nanoGPT does;
 with ``ZOO_EMA=1`` a deep copy of the model in a module global is lerped towards it after
 each step (an EMA); with ``ZOO_ESTIMATE_EVERY=K`` nanoGPT's ``estimate_loss()`` (a ``range``
-loop under ``torch.no_grad``) runs on rank 0 only at the top of every K-th iteration.
-Unmodified: knows nothing about Lattice.
+loop under ``torch.no_grad``) runs on rank 0 only at the top of every K-th iteration; with
+``ZOO_RESUME=1`` the script checkpoints itself every 5 iterations (model, optimizer, scheduler,
+``iter_num``, beside $ZOO_OUT) and resumes from that at its start, as nanoGPT's
+``init_from='resume'`` does. Unmodified: knows nothing about Lattice.
 """
 
 from __future__ import annotations
@@ -106,9 +108,21 @@ elif loop == "prefetch":  # nanoGPT's own loop: the next batch is drawn inside t
             break
 else:
     iter_num = 0
+    own = os.environ.get("ZOO_OUT", "out.pt") + ".own.pt"  # ZOO_RESUME=1: nanoGPT's resume
+    if os.environ.get("ZOO_RESUME") == "1" and os.path.exists(own):
+        saved = torch.load(own)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        iter_num = saved["iter_num"]
     while iter_num < max_iters:
         train_step(iter_num)
         iter_num += 1
+        if os.environ.get("ZOO_RESUME") == "1" and iter_num % 5 == 0 and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+            state |= {"scheduler": sched.state_dict(), "iter_num": iter_num}
+            torch.save(state, own + ".tmp")
+            os.replace(own + ".tmp", own)
 if rank == 0:
     save_params(model if ema is None else nn.ModuleDict({"model": model, "ema": ema}))
 if world > 1:

@@ -68,6 +68,9 @@ CASES = [
     # nanoGPT's estimate_loss (a range loop under no_grad) on rank 0 only, every 5 iterations:
     # a restore attempted there hung the job, the first run's too
     ("train_getbatch.py", 2, 11, {"ZOO_ESTIMATE_EVERY": "5"}),
+    # … a script that resumes itself (nanoGPT's init_from='resume'): its own checkpoint every 5
+    # iterations, loaded at its start, is older than the addon's
+    ("train_getbatch.py", 1, 13, {"ZOO_RESUME": "1"}),
     ("train_eval.py", 1, 17, {}),  # a validation DataLoader every epoch, metric = sum / count
     ("train_trainer.py", 1, 11, {}),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9, {}),  # … restored at the end of an epoch (8 steps per epoch)
