@@ -2,7 +2,8 @@
 
 ``ZOO_SAMPLER=bucket``: a batch sampler of the script's own instead (batches of similar
 "length", shuffled by epoch, split over the ranks), as length-bucketing scripts have.
-``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training;
+``ZOO_EVAL_FIRST=1``: rank 0 alone evaluates on a DataLoader of its own before training
+(``ZOO_EVAL_FIRST=grad``: in eval mode, gradients left on);
 ``ZOO_LOADER_PER_EPOCH=1``: a new DataLoader every epoch (and a validation one after it);
 ``ZOO_ZIP=1``: a second, shorter task's loader zipped with the first (multi-task training);
 ``ZOO_ZERO=1``: ``ZeroRedundancyOptimizer`` (each rank holds its shard of the optimizer state).
@@ -83,6 +84,11 @@ def main() -> None:
         with torch.no_grad():
             for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
                 nn.functional.mse_loss(model.module(vx), vy)
+    if os.environ.get("ZOO_EVAL_FIRST") == "grad" and rank == 0:  # no no_grad: eval mode only
+        model.eval()
+        for _, vx, vy in DataLoader(IdDataset(8), batch_size=4):
+            nn.functional.mse_loss(model.module(vx), vy).item()
+        model.train()
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         sampler.set_epoch(epoch)
         if aux is not None:

@@ -24,6 +24,9 @@ CASES = [
     # rank 0 alone iterates an evaluation DataLoader first: loaders are matched by where they
     # were made, not by the order each rank first iterated them in
     ("train_epochs.py", 2, 8, {"ZOO_EVAL_FIRST": "1"}),
+    # … with gradients on (model.eval() only): rank 0 restores in that pass, its collectives
+    # meeting rank 1's restore at its first training pass
+    ("train_epochs.py", 2, 8, {"ZOO_EVAL_FIRST": "grad"}),
     # a new DataLoader every epoch (and a validation one): the earlier epochs' loaders are
     # earlier makings of the checkpoint's, their passes fast-forwarded; killed in epoch 2
     ("train_epochs.py", 2, 15, {"ZOO_LOADER_PER_EPOCH": "1"}),
