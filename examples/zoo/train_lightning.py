@@ -8,6 +8,8 @@ across epoch 2's two validations). ``ZOO_DATAMODULE=1``: the loaders come from a
 ``LightningDataModule`` (training with two workers), and Lightning's default logger and
 ``ModelCheckpoint`` are on. ``ZOO_CKPT_PATH=1``: Lightning's own resume, as its docs show it: a
 ``ModelCheckpoint(save_last=True)`` every 5 steps (beside $ZOO_OUT) and ``fit(ckpt_path="last")``.
+``ZOO_DATASET=stream``: the training data an IterableDataset that keeps its own state
+(`train_stream.Stream`; no length: Lightning's fetcher reads it a batch ahead).
 Unmodified: knows nothing about Lattice.
 """
 
@@ -21,6 +23,7 @@ from _zoo import IdDataset, log_batch, save_params
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
+from train_stream import Stream
 
 ACCUMULATE = int(os.environ.get("ZOO_ACCUMULATE", "1"))
 
@@ -37,6 +40,11 @@ class Regressor(L.LightningModule):
         loss = nn.functional.mse_loss(self.net(x), y)
         self.training_step_outputs.append(loss.detach())
         return loss
+
+    def on_train_epoch_start(self) -> None:  # an IterableDataset's epoch is the script's to set
+        dataset = self.trainer.train_dataloader.dataset
+        if callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:  # Lightning's documented pattern
         self.log("train_loss_epoch", torch.stack(self.training_step_outputs).mean())
@@ -102,9 +110,12 @@ def main() -> None:
         trainer.fit(model, datamodule=Data(validate), ckpt_path="last" if own_resume else None)
     else:
         samples = int(os.environ.get("ZOO_SAMPLES", "48"))
-        loader = DataLoader(
-            IdDataset(samples), batch_size=int(os.environ.get("ZOO_BATCH", "4")), shuffle=True
-        )
+        batch = int(os.environ.get("ZOO_BATCH", "4"))
+        if os.environ.get("ZOO_DATASET") == "stream":
+            rank = int(os.environ.get("RANK", "0"))
+            loader = DataLoader(Stream(samples, rank, world), batch_size=batch)
+        else:
+            loader = DataLoader(IdDataset(samples), batch_size=batch, shuffle=True)
         val = DataLoader(IdDataset(8), batch_size=4) if validate else None
         trainer.fit(model, loader, val, ckpt_path="last" if own_resume else None)
     if trainer.global_rank == 0:

@@ -119,6 +119,12 @@ class LoaderTrack:
     # An adapter around a DataLoader (accel.py) that counts its passes in this attribute.
     counter: str | None = None
     site: str | None = None  # see `site`
+    # A consumer that reads the pass ahead of the loop (Lightning's fetcher, for a loader
+    # without a length: `READ_AHEAD`) keeps `ahead` up to date: batches handed out that no
+    # finished step took yet. The position is then ``ahead`` batches back, and so is the
+    # stream state, taken from `streams`: (batches handed out, the stream's state then).
+    ahead: int = 0
+    streams: list[tuple[int, Any]] | None = None
 
     def take_resume(self, position: Position) -> None:
         self.resume = position
@@ -133,6 +139,18 @@ class LoaderTrack:
         else:
             self.stepped.append([current, current])
 
+    def record_stream(self, loader: DataLoader) -> None:
+        """After each batch handed out, when the loop reads ahead: the stream's state then."""
+        if self.streams is not None:
+            self.streams = [*self.streams[-3:], (self.yielded, stream_state(loader))]
+
+    def stream_state(self, loader: DataLoader) -> Any:
+        """`stream_state` where the loop stands: ``ahead`` batches back (None if not kept)."""
+        if not self.ahead:
+            return stream_state(loader)
+        wanted = self.yielded - self.ahead
+        return next((saved for n, saved in self.streams or () if n == wanted), None)
+
     def position(self, loader: DataLoader) -> Position:
         sampler, batch = index_source(loader)
         stepped = [list(r) for r in self.stepped]
@@ -144,11 +162,12 @@ class LoaderTrack:
             at.order = getattr(drawn, "_lattice_order", None)
             if drawn.generator is not None:
                 at.generator = drawn.generator.get_state()
+        taken = self.yielded - self.ahead
         if sampler is None:
-            at.batches, at.world = self.base + self.yielded, collective.world()
+            at.batches, at.world = self.base + taken, collective.world()
         else:
             world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
-            at.consumed = self.base + self.yielded * batch * world
+            at.consumed = self.base + taken * batch * world
         return at
 
 
@@ -156,6 +175,7 @@ class LoaderTrack:
 DRAWN = (RandomSampler, WeightedRandomSampler, SubsetRandomSampler)
 KNOWN = (DistributedSampler, SequentialSampler, *DRAWN)
 SITE = "_lattice_site"  # set on each DataLoader as it is made (`site`)
+READ_AHEAD = "_lattice_read_ahead"  # set on a DataLoader whose passes a consumer reads ahead
 
 
 def site(start: FrameType | None, seen: dict[str, int]) -> str | None:

@@ -21,8 +21,11 @@ open, the training steps after it were counted as made in it, and a restore took
 validation passes for training ones and skipped them (their DataLoaders' seeds, drawn from the
 global RNG, then missing from the resumed run's RNG stream). Its passes are closed when it ends.
 
-Both packagings are patched: ``lightning.pytorch`` and ``pytorch_lightning``. A loader without a
-length (an IterableDataset) is read a batch ahead by Lightning's fetcher: not handled yet.
+A loader without a length (an IterableDataset) is read a batch ahead by Lightning's fetcher (to
+know the last batch): the position and a stream's state are taken that batch back
+(`patch_fetcher`).
+
+Both packagings are patched: ``lightning.pytorch`` and ``pytorch_lightning``.
 """
 
 from __future__ import annotations
@@ -211,6 +214,60 @@ def choose(rt: Any, connector: Any, path: Any) -> None:
     )
 
 
+def patch_fetcher(module: Any) -> None:
+    """Wrap ``_PrefetchDataFetcher.__iter__`` and ``__next__`` (idempotent). For a loader
+    without a length it reads a batch ahead of the loop (to know the last one): counted at the
+    DataLoader, the data position and a stream's state ran a batch ahead of the steps, and a
+    restore skipped that batch. The loaders' tracks are told how many batches the fetcher holds
+    that no finished step took (`data.LoaderTrack.ahead`): the one popped for the step in
+    flight and those still buffered, before a call (its fetch is a boundary); those buffered,
+    after."""
+    cls = module._PrefetchDataFetcher
+    if getattr(cls.__next__, "_lattice", False):
+        return
+    iterate, fetch = cls.__iter__, cls.__next__
+
+    def loaders(fetcher: Any) -> list[DataLoader]:
+        combined = fetcher._combined_loader
+        flat = combined.flattened if combined is not None else []
+        return [ld for ld in flat if isinstance(ld, DataLoader)]
+
+    def held(fetcher: Any, count: int) -> None:
+        for loader in loaders(fetcher):
+            track = loader.__dict__.get("_lattice_track")
+            if track is not None:
+                track.ahead = count
+
+    @functools.wraps(iterate)
+    def __iter__(self: Any) -> Any:
+        if self.prefetch_batches and any(not _sized(ld) for ld in loaders(self)):
+            for loader in loaders(self):  # the combined loader has no length: all read ahead
+                loader.__dict__[data.READ_AHEAD] = True
+        held(self, 0)
+        out = iterate(self)
+        held(self, len(self.batches))
+        return out
+
+    @functools.wraps(fetch)
+    def __next__(self: Any) -> Any:
+        held(self, len(self.batches))
+        try:
+            return fetch(self)
+        finally:
+            held(self, len(self.batches))
+
+    __next__._lattice = True  # type: ignore[attr-defined]
+    cls.__iter__, cls.__next__ = __iter__, __next__
+
+
+def _sized(loader: DataLoader) -> bool:
+    try:
+        len(loader)
+    except (TypeError, NotImplementedError):
+        return False
+    return True
+
+
 EPOCH_HOOKS = ("on_train_epoch_start", "on_train_epoch_end")
 
 
@@ -243,6 +300,7 @@ def install(rt: Any) -> None:
             ("loops.training_epoch_loop", "_TrainingEpochLoop", functools.partial(patch, rt)),
             ("loops.evaluation_loop", "_EvaluationLoop", functools.partial(patch_evaluation, rt)),
             ("trainer.call", "_call_callback_hooks", patch_hooks),
+            ("loops.fetchers", "_PrefetchDataFetcher", patch_fetcher),
             (
                 "trainer.connectors.checkpoint_connector",
                 "_CheckpointConnector",

@@ -498,7 +498,7 @@ class Runtime:
         rank = self.rank()
         if self.rng_records is None or self.rng_records.rank != rank:
             self.rng_records = failed_step.RngRecords(self.root, rank)
-        streams = failed_step.encode_streams([data.stream_state(ld) for ld, _ in self.tracks()])
+        streams = failed_step.encode_streams([tr.stream_state(ld) for ld, tr in self.tracks()])
         payload = failed_step.join_record(blob, tensors, streams)
         self.rng_records.write(self.generation, self.step, self.world(), payload, exact)
 
@@ -765,7 +765,7 @@ class Runtime:
             *self._upload_report(local is not None),
             self._proposal(),
             tensors,
-            [data.stream_state(ld) for ld, _ in self.tracks()],
+            [tr.stream_state(ld) for ld, tr in self.tracks()],
             self.local_rank() == 0,
         )
         dist = collective.dist()
@@ -1512,13 +1512,13 @@ class Runtime:
         if self.loops.jump and resume is not None and pass_index < resume.pass_index:
             pass_index = resume.pass_index  # a resumed step loop: straight to the checkpoint
         track.passes = pass_index + 1
-        track.yielded, track.base, track.done = 0, 0, False
+        track.yielded, track.base, track.done, track.ahead = 0, 0, False, 0
         if resume is None or pass_index > resume.pass_index or not resume.had_steps(pass_index):
             # A pass after the restored point, or one that made no step (evaluation, a peeked
             # batch): it runs as it did the first time.
             if resume is not None and pass_index >= resume.pass_index:
                 track.resume = None
-            return self._counting(original(loader), track)
+            return self._counting(original(loader), track, loader)
         at_checkpoint = pass_index == resume.pass_index
         if at_checkpoint:
             track.resume = None
@@ -1546,7 +1546,7 @@ class Runtime:
             self._restore_rng()
         else:
             self.rng_inner_due = True  # the adapter's DataLoader is iterated later (inner_pass)
-        return self._counting(iterator, track)
+        return self._counting(iterator, track, loader)
 
     def inner_pass(self, iterator: Any) -> Any:
         """A pass of the DataLoader inside an adapter (accel.py): not counted (the adapter's
@@ -1590,10 +1590,12 @@ class Runtime:
         if self.open_passes.get(id(track)) is track:
             del self.open_passes[id(track)]
 
-    def _counting(self, iterator: Any, track: data.LoaderTrack) -> Any:
+    def _counting(self, iterator: Any, track: data.LoaderTrack, loader: Any) -> Any:
         self.open_passes[id(track)] = track
         passes = track.passes
         pass_key = (id(track), passes)
+        read_ahead = bool(loader.__dict__.get(data.READ_AHEAD))
+        track.streams = [(track.yielded, data.stream_state(loader))] if read_ahead else None
         try:
             while True:
                 if self.loops_due:
@@ -1606,6 +1608,7 @@ class Runtime:
                     track.done = True
                     return
                 track.yielded += 1
+                track.record_stream(loader)
                 yield batch
         finally:  # exhausted, or the loop let go of it (break, a peek with next())
             if track.passes == passes:  # (not a later pass's, started since)

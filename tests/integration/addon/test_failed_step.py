@@ -72,6 +72,8 @@ def restart(launcher: Launcher, script: str, **env: str) -> str:
         ("train_trainer.py", 1, {}),  # transformers.Trainer (its log: one line per step's end)
         # Lightning: its loop counters are registered, copied at each boundary too
         ("train_lightning.py", 1, {"TORCHELASTIC_RUN_ID": "zoo"}),
+        # … an IterableDataset read a batch ahead: the record's stream state is a batch back
+        ("train_lightning.py", 1, {"TORCHELASTIC_RUN_ID": "zoo", "ZOO_DATASET": "stream"}),
         ("train_getbatch.py", 1, {}),  # no DataLoader: the boundary is right after the update
         # nanoGPT's loop: the dead rank's next batch, drawn before the update, is in its record
         ("train_getbatch.py", 1, {"ZOO_LOOP": "prefetch"}),

@@ -96,6 +96,9 @@ CASES = [
     # … Lightning's own resume too (ModelCheckpoint every 5 steps, fit(ckpt_path="last")): its
     # checkpoint is older than the addon's, and not loaded over it
     ("train_lightning.py", 1, 17, {"ZOO_CKPT_PATH": "1"}),
+    # … an IterableDataset keeping its own state, read a batch ahead by Lightning's fetcher
+    ("train_lightning.py", 1, 17, {"ZOO_DATASET": "stream"}),
+    ("train_lightning.py", 2, 9, {"ZOO_DATASET": "stream", "TORCHELASTIC_RUN_ID": "zoo"}),
     # Lightning Fabric: setup() wraps the model and optimizer, setup_dataloaders() the loader
     # (it counts its passes itself, for set_epoch)
     ("train_fabric.py", 1, 17, {}),

@@ -187,6 +187,25 @@ def test_a_stream_with_state_resumes_from_this_ranks_saved_state() -> None:
     assert [b.tolist() for b in loader] == [[2, 3], [4, 5]]
 
 
+def test_a_pass_read_ahead_is_taken_where_the_loop_stands() -> None:
+    """A consumer holding batches no finished step took (Lightning's fetcher, a batch ahead):
+    the position and the stream's state are those of that many batches back."""
+    loader = DataLoader(StatefulStream(), batch_size=2)
+    track = data.LoaderTrack(index=0, streams=[(0, data.stream_state(loader))])
+    it = iter(loader)
+    for _ in range(2):  # the loop takes batch 1; the consumer already read batch 2
+        next(it)
+        track.yielded += 1
+        track.record_stream(loader)
+    track.ahead = 1
+    assert track.position(loader).batches == 1
+    assert track.stream_state(loader) == {"offset": 2}
+    track.ahead = 0  # the consumer's buffer ran dry (the pass's end): where the loader stands
+    assert track.position(loader).batches == 2 and track.stream_state(loader) == {"offset": 4}
+    track.ahead = 3  # further back than kept: no state (the pass starts over), not a wrong one
+    assert track.stream_state(loader) is None
+
+
 def test_a_stream_pass_with_nothing_taken_starts_from_its_beginning() -> None:
     """Saved at the first fetch of a pass: the stream's state is still the previous pass's end
     (its iterator has not run), so it is not loaded."""
