@@ -36,10 +36,11 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
     samples = int(os.environ.get("ZOO_SAMPLES", "48"))
+    batch = int(os.environ.get("ZOO_BATCH", "4"))
     if os.environ.get("ZOO_DATASET") == "iterable":
-        loader = DataLoader(Items(samples), batch_size=4)
+        loader = DataLoader(Items(samples), batch_size=batch)
     else:
-        loader = DataLoader(IdDataset(samples), batch_size=4, shuffle=True)
+        loader = DataLoader(IdDataset(samples), batch_size=batch, shuffle=True)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         for ids, x, y in loader:

@@ -31,7 +31,9 @@ def main() -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     model, optimizer = fabric.setup(model, optimizer)
-    loader = fabric.setup_dataloaders(DataLoader(IdDataset(48), batch_size=4, shuffle=True))
+    samples = IdDataset(int(os.environ.get("ZOO_SAMPLES", "48")))
+    batch = int(os.environ.get("ZOO_BATCH", "4"))
+    loader = fabric.setup_dataloaders(DataLoader(samples, batch_size=batch, shuffle=True))
     for epoch in range(int(os.environ.get("ZOO_EPOCHS", "3"))):
         for ids, x, y in loader:
             log_batch(fabric.global_rank, epoch, ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,9 @@ class Position:
     # `to_state`, which is the same on every rank).
     stream: Any = None
     site: str | None = None  # where the loader was made (`site`): which loader this is
+    # A pass of accelerate's BatchSamplerShard: the batches of the one global order taken so
+    # far by all ranks (`shard_of`); a resize re-splits the rest (`_resplit_shard`).
+    shard: int | None = None
     # Not saved: stands for a loader made before the checkpoint's at the same place (a new
     # DataLoader every epoch), whose passes are all before it (`matching`).
     earlier: bool = False
@@ -83,6 +87,7 @@ class Position:
             "counter": self.counter,
             "generator": self.generator,
             "site": self.site,
+            "shard": self.shard,
         }
 
     @classmethod
@@ -100,6 +105,7 @@ class Position:
             int(raw["counter"]) if raw.get("counter") is not None else None,
             raw.get("generator"),
             site=raw.get("site"),
+            shard=int(raw["shard"]) if raw.get("shard") is not None else None,
         )
 
 
@@ -113,6 +119,7 @@ class LoaderTrack:
     # Already consumed when the current pass (re)started: global samples, or this rank's
     # batches for a loader resumed by count.
     base: int = 0
+    shard_base: int = 0  # the same for a BatchSamplerShard pass, in `Position.shard`'s unit
     done: bool = False
     resume: Position | None = None  # set on restore; consumed by the matching pass
     stepped: list[list[int]] = field(default_factory=list)  # see Position.stepped
@@ -165,6 +172,9 @@ class LoaderTrack:
         taken = self.yielded - self.ahead
         if sampler is None:
             at.batches, at.world = self.base + taken, collective.world()
+            shard = shard_of(loader)
+            if shard is not None:
+                at.shard = self.shard_base + taken * (1 if shard.split_batches else at.world)
         else:
             world = sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
             at.consumed = self.base + taken * batch * world
@@ -344,6 +354,11 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
     if sampler is not None or position.batches is None:
         return None, ("this DataLoader's sampler is not the one checkpointed: its pass starts over")
     indices = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    shard = shard_of(loader)
+    if shard is not None and position.shard is not None:
+        per_step = 1 if shard.split_batches else position.world
+        if position.world != collective.world() or position.shard != position.batches * per_step:
+            return _resplit_shard(loader, shard, position)
     _patch_count_skip(type(indices))
     indices._lattice_skip_batches = position.batches
     drawn = random_sampler(loader)
@@ -357,6 +372,31 @@ def arm_skip(loader: DataLoader, position: Position) -> tuple[int | None, str | 
         f"but the world size changed ({position.world} -> {world}): samples of this pass may "
         "repeat or be missed"
     )
+
+
+def shard_of(loader: Any) -> Any | None:
+    """accelerate's ``BatchSamplerShard`` behind ``loader``, if it has one: each rank takes
+    every world-th batch of one global order of batches (or a world-th of each, with
+    ``split_batches``)."""
+    module = sys.modules.get("accelerate.data_loader")
+    shard = getattr(loader, "batch_sampler", None)
+    kind = getattr(module, "BatchSamplerShard", None) if module is not None else None
+    return shard if kind is not None and isinstance(shard, kind) else None
+
+
+def _resplit_shard(loader: Any, shard: Any, position: Position) -> tuple[int, None]:
+    """A BatchSamplerShard pass resumed in another world (or after one): the global order's
+    first ``position.shard`` batches are skipped before the shard splits the rest over this
+    world, as `_split` does for a DistributedSampler; resumed by count, each rank skipped its
+    own batches of the old world's split, and samples were missed or repeated."""
+    inner = shard.batch_sampler
+    _patch_count_skip(type(inner))
+    inner._lattice_skip_batches = position.shard
+    drawn = random_sampler(loader)
+    if drawn is not None and position.order is not None:
+        drawn._lattice_skip = (0, position.order)  # the pass's order again, not a new draw
+    per_rank = position.shard if shard.split_batches else position.shard // collective.world()
+    return per_rank, None
 
 
 def _resume_stream(loader: DataLoader, position: Position) -> tuple[int | None, str | None]:

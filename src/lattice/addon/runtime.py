@@ -1512,7 +1512,7 @@ class Runtime:
         if self.loops.jump and resume is not None and pass_index < resume.pass_index:
             pass_index = resume.pass_index  # a resumed step loop: straight to the checkpoint
         track.passes = pass_index + 1
-        track.yielded, track.base, track.done, track.ahead = 0, 0, False, 0
+        track.yielded, track.base, track.shard_base, track.done, track.ahead = 0, 0, 0, False, 0
         if resume is None or pass_index > resume.pass_index or not resume.had_steps(pass_index):
             # A pass after the restored point, or one that made no step (evaluation, a peeked
             # batch): it runs as it did the first time.
@@ -1539,6 +1539,7 @@ class Runtime:
         if note is not None:
             say(note)
         track.base = start or 0
+        track.shard_base = (resume.shard or 0) if start is not None else 0
         iterator = original(loader)
         if track.counter is None or start is None:
             # After the iterator drew its order: the checkpoint's state. (A pass started over

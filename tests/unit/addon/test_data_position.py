@@ -116,6 +116,37 @@ class Shard(Sampler[list[int]]):
         return (len(self.batch_sampler) + 1) // 2
 
 
+def test_an_accelerate_shard_pass_is_split_anew_in_another_world(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate's BatchSamplerShard: 2 ranks took 2 batches each of one order of 8 batches;
+    at 3 ranks the other 4 are split over them round robin, padded to a multiple of 3 from
+    their first ones (as accelerate's even_batches pads any pass): none missed, none of the 4
+    taken before taken again. Resumed by count, each rank skipped its first 2 batches of the
+    new split: batches 6 and 7 of the order were never taken, 4 and 5 twice."""
+    shard_cls = pytest.importorskip("accelerate.data_loader").BatchSamplerShard
+    data.patch_samplers()
+    items = list(range(16))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(3)).tolist()
+    b = [order[i : i + 2] for i in range(0, 16, 2)]  # the pass's order of batches
+
+    def loader(world: int, rank: int) -> DataLoader:
+        inner = BatchSampler(RandomSampler(items), 2, drop_last=False)
+        return DataLoader(items, batch_sampler=shard_cls(inner, world, rank))
+
+    monkeypatch.setattr(data.collective, "world", lambda: 2)
+    saved = data.LoaderTrack(index=0, passes=1, yielded=2).position(loader(2, 0))
+    assert (saved.shard, saved.batches, saved.world) == (4, 2, 2)
+    saved.order = order  # (the pass's drawn order, as the RandomSampler kept it)
+    monkeypatch.setattr(data.collective, "world", lambda: 3)
+    split = []
+    for rank in range(3):
+        new = loader(3, rank)
+        assert data.arm_skip(new, saved) == (1, None)
+        split.append([batch.tolist() for batch in new])
+    assert split == [[b[4], b[7]], [b[5], b[4]], [b[6], b[5]]]
+
+
 def test_a_random_order_behind_batch_samplers_and_its_generator_are_resumed() -> None:
     """The pass's drawn order and the generator it came from are kept: the resumed pass
     follows the order, and the pass after it draws what it drew the first time."""
