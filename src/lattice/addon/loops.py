@@ -167,12 +167,48 @@ def range_target(code: CodeType, offset: int) -> str | None:
     return None
 
 
+SMALL_DICT = 64  # a dict local with at most this many entries has its int entries watched
+
+
 def _ints(frame: FrameType) -> dict[str, int]:
-    return {k: v for k, v in frame.f_locals.items() if type(v) is int}
+    """The frame's ``int`` locals, and the ``int`` entries of its small dicts keyed by str
+    (LitGPT keeps its counters in ``state["iter_num"]``), named ``state['iter_num']``."""
+    found = {}
+    for k, v in frame.f_locals.items():
+        if type(v) is int:
+            found[k] = v
+        elif type(v) is dict and len(v) <= SMALL_DICT:
+            for key, value in v.items():
+                if type(key) is str and key.isidentifier() and type(value) is int:
+                    found[f"{k}[{key!r}]"] = value
+    return found
+
+
+def _entry(name: str) -> tuple[str, str] | None:
+    """``("state", "iter_num")`` for a dict entry's name (`_ints`), None for a plain local."""
+    if not name.endswith("']") or "['" not in name:
+        return None
+    local, _, key = name[:-2].partition("['")
+    return local, key
+
+
+def get_local(frame: FrameType, name: str) -> Any:
+    entry = _entry(name)
+    if entry is None:
+        return frame.f_locals.get(name)
+    holder = frame.f_locals.get(entry[0])
+    return holder.get(entry[1]) if type(holder) is dict else None
 
 
 def set_local(frame: FrameType, name: str, value: Any) -> None:
-    """Assign a local of a running frame (a module frame's locals are its globals)."""
+    """Assign a local of a running frame (a module frame's locals are its globals), or an
+    entry of a dict local (`_ints`: set in the dict itself, where the frame holds it)."""
+    entry = _entry(name)
+    if entry is not None:
+        holder = frame.f_locals.get(entry[0])
+        if type(holder) is dict:
+            holder[entry[1]] = value
+        return
     frame.f_locals[name] = value
     if sys.version_info < (3, 13) and frame.f_code.co_flags & 0x01:  # CO_OPTIMIZED: a function
         # Before 3.13 f_locals is a copy: write it back into the frame's fast locals.
@@ -333,7 +369,7 @@ class LoopState:
         for frame in user_frames(start):
             key = code_key(frame.f_code)
             for name, value in self.counters.pop(key, {}).items():
-                if frame.f_locals.get(name) != value:
+                if get_local(frame, name) != value:
                     set_local(frame, name, value)
                 done.append(f"{name}={value}")
         missed = [f"{name}={value} in {key[1]}" for (key, name), value in self.ranges.items()]

@@ -78,6 +78,8 @@ CASES = [
     ("train_trainer.py", 1, 11, {}),  # transformers.Trainer: tiny GPT-2, accumulation; mid-epoch
     ("train_trainer.py", 1, 9, {}),  # … restored at the end of an epoch (8 steps per epoch)
     ("train_trainer.py", 2, 7, {}),  # … two processes (DDP over gloo), 4 steps per epoch
+    # … the script's own resume_from_checkpoint (a folder every 5 steps), older than the addon's
+    ("train_trainer.py", 2, 7, {"ZOO_RESUME": "1"}),
     # PyTorch Lightning's Trainer.fit: its own counters (batch index, global step) steer its
     # loop (the epoch's scheduler step at the epoch's last batch by count) …
     ("train_lightning.py", 1, 17, {}),
@@ -96,6 +98,7 @@ CASES = [
     # … Lightning's own resume too (ModelCheckpoint every 5 steps, fit(ckpt_path="last")): its
     # checkpoint is older than the addon's, and not loaded over it
     ("train_lightning.py", 1, 17, {"ZOO_CKPT_PATH": "1"}),
+    ("train_lightning.py", 2, 9, {"ZOO_CKPT_PATH": "1", "TORCHELASTIC_RUN_ID": "zoo"}),
     # … an IterableDataset keeping its own state, read a batch ahead by Lightning's fetcher
     ("train_lightning.py", 1, 17, {"ZOO_DATASET": "stream"}),
     ("train_lightning.py", 2, 9, {"ZOO_DATASET": "stream", "TORCHELASTIC_RUN_ID": "zoo"}),
@@ -103,6 +106,8 @@ CASES = [
     # (it counts its passes itself, for set_epoch)
     ("train_fabric.py", 1, 17, {}),
     ("train_fabric.py", 2, 9, {"TORCHELASTIC_RUN_ID": "zoo"}),
+    # … LitGPT's loop: its counter in a dict (state["iter_num"]) sets the lr and ends the run
+    ("train_fabric.py", 1, 17, {"ZOO_STATE": "1"}),
     ("train_fsdp.py", 2, 9, {}),  # fully_shard (FSDP2) on a CPU mesh: full state via DCP
     # an optimizer step on a dummy batch before the loader loop: not the checkpoint's replay
     ("train_steps.py", 1, 15, {"ZOO_WARMUP_STEP": "1"}),

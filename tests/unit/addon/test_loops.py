@@ -114,6 +114,34 @@ def test_a_while_counter_is_saved_and_set_back_at_the_first_fetch() -> None:
     assert probe.applied == (["step=5"], [])
 
 
+def test_a_counter_in_a_dict_is_saved_and_set_back() -> None:
+    """LitGPT keeps its counters in a dict local (``state["iter_num"] += 1``): the entry is a
+    counter like an int local; a constant entry, a non-identifier key and a big dict are not."""
+    state = loops.LoopState()
+    probe = Probe(state)
+    big = {f"k{i}": i for i in range(loops.SMALL_DICT + 1)}
+
+    def script(stop: int, capture_at: int | None) -> dict[str, Any]:
+        counts = {"iter_num": 0, "world": 2, "odd key": 0, "model": object()}
+        while counts["iter_num"] < stop:
+            for _ in probe.fetches(4, capture_at):
+                counts["iter_num"] += 1
+                counts["odd key"] += 1
+                big["k0"] += 1
+                if counts["iter_num"] >= stop:
+                    break
+        return counts
+
+    script(6, capture_at=1)
+    (entry,) = probe.saved
+    assert entry["counters"] == {"counts['iter_num']": 5}
+    restored = loops.LoopState()
+    restored.load(probe.saved)
+    probe = Probe(restored, apply=True)
+    assert script(6, capture_at=None)["iter_num"] == 6  # set to 5 at the first fetch
+    assert probe.applied == (["counts['iter_num']=5"], [])
+
+
 def test_a_compiled_forward_calls_the_scripts_range_without_a_graph_break() -> None:
     """A model defined in the main script loops with its ``range`` in ``forward``: under
     ``torch.compile(fullgraph=True)`` that must trace (a break would fail that compile, and
