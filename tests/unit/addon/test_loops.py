@@ -44,6 +44,13 @@ class Probe:
             yield i
 
 
+def resumed(saved: list[Any]) -> Probe:
+    """A restarted process's probe: a state loaded from ``saved``, applied at its first fetch."""
+    state = loops.LoopState()
+    state.load(saved)
+    return Probe(state, apply=True)
+
+
 def test_loop_targets_and_active_loops() -> None:
     def script(n: int) -> list[tuple[Any, int]]:
         where = []
@@ -135,9 +142,7 @@ def test_a_counter_in_a_dict_is_saved_and_set_back() -> None:
     script(6, capture_at=1)
     (entry,) = probe.saved
     assert entry["counters"] == {"counts['iter_num']": 5}
-    restored = loops.LoopState()
-    restored.load(probe.saved)
-    probe = Probe(restored, apply=True)
+    probe = resumed(probe.saved)
     assert script(6, capture_at=None)["iter_num"] == 6  # set to 5 at the first fetch
     assert probe.applied == (["counts['iter_num']=5"], [])
 
@@ -293,9 +298,7 @@ def test_a_counter_sharing_its_name_with_a_for_variable_is_still_a_counter() -> 
     script(6, capture_at=1)
     (entry,) = probe.saved
     assert entry["counters"] == {"it": 5}
-    restored = loops.LoopState()
-    restored.load(probe.saved)
-    probe = Probe(restored, apply=True)
+    probe = resumed(probe.saved)
     assert script(6, capture_at=None) == 6
     assert probe.applied == (["it=5"], [])
 
