@@ -120,7 +120,7 @@ def choose(rt: Any, trainer: Any, given: Any) -> bool:
     theirs = _global_step(path)
     ours = rt.pending_checkpoint()  # collective: every rank is here
     mine = _global_step_of(ours)
-    if ours is not None and (theirs is None or (mine is not None and mine >= theirs)):
+    if rt.restores_own(ours, mine, theirs):
         rt.say(
             f"Trainer.train(resume_from_checkpoint={str(given)!r}) not loaded: "
             + (f"its folder is at global step {theirs}, " if theirs is not None else "")

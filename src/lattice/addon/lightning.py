@@ -199,7 +199,7 @@ def choose(rt: Any, connector: Any, path: Any) -> None:
         rt.forgo_restore(f"fit(ckpt_path={str(path)!r}): Lightning resumes from it ({why})", theirs)
         return
     mine = (ours.get(f"user.{NAME}") or {}).get("global_step")
-    if mine is None or theirs > mine:
+    if not rt.restores_own(ours, mine, theirs):
         rt.forgo_restore(
             f"fit(ckpt_path={str(path)!r}) is at global step {theirs}, newer than the addon's "
             f"checkpoint ({'taken before fit' if mine is None else f'global step {mine}'}): "

@@ -351,6 +351,10 @@ class Runtime:
             found[f"user.{name}"] = obj
         return found
 
+    def _stream_states(self) -> list[Any]:
+        """Each tracked loader's stream state where the loop stands (`LoaderTrack.stream_state`)."""
+        return [tr.stream_state(ld) for ld, tr in self.tracks()]
+
     def tracks(self) -> list[tuple[DataLoader, data.LoaderTrack]]:
         return [(ld, ld._lattice_track) for ld in self._alive(self.loaders)]  # type: ignore[attr-defined]
 
@@ -498,7 +502,7 @@ class Runtime:
         rank = self.rank()
         if self.rng_records is None or self.rng_records.rank != rank:
             self.rng_records = failed_step.RngRecords(self.root, rank)
-        streams = failed_step.encode_streams([tr.stream_state(ld) for ld, tr in self.tracks()])
+        streams = failed_step.encode_streams(self._stream_states())
         payload = failed_step.join_record(blob, tensors, streams)
         self.rng_records.write(self.generation, self.step, self.world(), payload, exact)
 
@@ -765,7 +769,7 @@ class Runtime:
             *self._upload_report(local is not None),
             self._proposal(),
             tensors,
-            [tr.stream_state(ld) for ld, tr in self.tracks()],
+            self._stream_states(),
             self.local_rank() == 0,
         )
         dist = collective.dist()
@@ -1130,6 +1134,13 @@ class Runtime:
             return None
         self.stash = self.stash or self._newest()
         return self.stash[1]["state"] if self.stash is not None else None
+
+    @staticmethod
+    def restores_own(ours: dict[str, Any] | None, mine: int | None, theirs: int | None) -> bool:
+        """The rule between a framework's own resume checkpoint (at global step ``theirs``,
+        None when it names none) and the addon's (``ours``, at ``mine``, None when taken
+        outside that framework): the addon's when it is as new, or the framework's names none."""
+        return ours is not None and (theirs is None or (mine is not None and mine >= theirs))
 
     def forgo_restore(self, why: str, step: int) -> None:
         """The framework resumes from a checkpoint of its own newer than the addon's, at
